@@ -1,0 +1,99 @@
+"""TNConfig: one JSON-serialisable description of what to compress and how."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMATS = ("tt", "tr")
+LAYER_TYPES = ("linear", "conv", "lstm", "gru")
+BUDGETS = ("params", "flops")
+ALLOCATIONS = ("global", "uniform")
+
+
+@dataclass
+class TNConfig:
+    """What to compress and how.
+
+    Exactly one of ``ranks``, ``compression_ratio`` or ``rel_error`` chooses the ranks:
+
+    * ``ranks``: an int (every internal rank), a list (the full rank list, incl. boundary
+      ranks) or ``{module_name: int | list}``.
+    * ``compression_ratio``: dense params / TN params over the targeted layers as a whole;
+      ranks are allocated per layer (``allocation="global"``: layers whose singular spectra
+      decay fast give more; ``"uniform"``: every layer at this ratio).
+    * ``rel_error``: per-layer relative Frobenius error bound of the decomposition
+      (``max_rank`` caps the ranks).
+
+    ``target_modules`` / ``exclude_modules`` take exact module names or regexes (a pattern
+    matches when ``re.fullmatch`` does, or when the name equals it or ends with ``.pattern``).
+    """
+
+    format: str = "tt"
+    ranks: int | list[int] | dict[str, Any] | None = None
+    compression_ratio: float | None = None
+    rel_error: float | None = None
+    max_rank: int | None = None
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layer_types: list[str] = field(default_factory=lambda: ["linear", "conv", "lstm", "gru"])
+    min_params: int = 4096
+    skip_stem: bool = True
+    skip_head: bool = True
+    budget: str = "params"
+    allocation: str = "global"
+    n_modes: int | None = None          # modes per channel side (None: chosen from the size)
+    compress_hidden: bool = False      # recurrent layers: hidden-to-hidden in TN form too
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"TNConfig.format={self.format!r}: valid choices are {FORMATS}")
+        chosen = [k for k in ("ranks", "compression_ratio", "rel_error") if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                "TNConfig needs exactly one of ranks=, compression_ratio=, rel_error= "
+                f"(got {chosen or 'none'})")
+        if self.compression_ratio is not None and not self.compression_ratio > 1:
+            raise ValueError(f"TNConfig.compression_ratio={self.compression_ratio}: must be > 1 "
+                             "(dense params / compressed params)")
+        if self.rel_error is not None and not 0 < self.rel_error < 1:
+            raise ValueError(f"TNConfig.rel_error={self.rel_error}: must be in (0, 1)")
+        if self.max_rank is not None and self.max_rank < 1:
+            raise ValueError(f"TNConfig.max_rank={self.max_rank}: must be >= 1")
+        if isinstance(self.ranks, int) and self.ranks < 1:
+            raise ValueError(f"TNConfig.ranks={self.ranks}: ranks must be >= 1")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if isinstance(self.exclude_modules, str):
+            self.exclude_modules = [self.exclude_modules]
+        if isinstance(self.layer_types, str):
+            self.layer_types = [self.layer_types]
+        self.layer_types = list(self.layer_types)
+        bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+        if bad:
+            raise ValueError(f"TNConfig.layer_types has {bad}: valid choices are {LAYER_TYPES}")
+        if self.budget not in BUDGETS:
+            raise ValueError(f"TNConfig.budget={self.budget!r}: valid choices are {BUDGETS}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"TNConfig.allocation={self.allocation!r}: valid choices are {ALLOCATIONS}")
+        if self.n_modes is not None and self.n_modes < 1:
+            raise ValueError(f"TNConfig.n_modes={self.n_modes}: must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TNConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"TNConfig.from_dict: unknown keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "TNConfig":
+        return cls.from_dict(json.loads(s))
