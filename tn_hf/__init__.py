@@ -18,7 +18,7 @@ _EXPORTS = {
     "ADMMTTCallback": ".integrations.trainer",
     "save_pretrained": ".hub",
     "from_pretrained": ".hub",
-    "push_to_hub": ".hub",
+    "push_to_hub": ".push",
 }
 
 __all__ = ["TNConfig", *_EXPORTS]

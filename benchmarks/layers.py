@@ -1,0 +1,237 @@
+"""Latency of TT/TR layers vs dense and tensorly-torch (tltorch) at the same parameter count.
+
+    python benchmarks/layers.py [--quick] [--threads N] [--out benchmarks/results/layers.md]
+
+For each case and compression (4x, 8x): eval forward (no_grad) and one training step
+(forward + backward) at batch 1 and 32, median over repeats, all in one process. The TN
+ranks are the largest uniform rank whose core count is <= dense/ratio; tltorch gets
+rank=1/ratio (its fraction-of-parameters rank). For TT convs the per-stage FLOPs and the
+achieved GFLOP/s are listed, to show where time goes when a target is missed.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tn_hf.layers import TTConv2d, TTLinear, TTLSTM  # noqa: E402
+from tn_hf.decompositions import ranks_for_ratio, tn_params  # noqa: E402
+
+CASES = {
+    # name: (dense factory, TN factory(ratio), tltorch factory(ratio) or None, input(batch))
+    "conv 256->256 3x3 @14x14 (ResNet-18 layer3)": (
+        lambda: nn.Conv2d(256, 256, 3, padding=1, bias=False),
+        lambda r: _tn(TTConv2d, r, 256, 256, 3, padding=1, bias=False),
+        lambda r: _tl_conv(256, 256, r),
+        lambda b: torch.randn(b, 256, 14, 14)),
+    "conv 512->512 3x3 @7x7 (ResNet-18 layer4)": (
+        lambda: nn.Conv2d(512, 512, 3, padding=1, bias=False),
+        lambda r: _tn(TTConv2d, r, 512, 512, 3, padding=1, bias=False),
+        lambda r: _tl_conv(512, 512, r),
+        lambda b: torch.randn(b, 512, 7, 7)),
+    "linear 768->3072 x128 tokens": (
+        lambda: nn.Linear(768, 3072),
+        lambda r: _tn(TTLinear, r, 768, 3072),
+        lambda r: _tl_lin((8, 8, 12), (12, 16, 16), r),
+        lambda b: torch.randn(b, 128, 768)),
+    "linear 3072->768 x128 tokens": (
+        lambda: nn.Linear(3072, 768),
+        lambda r: _tn(TTLinear, r, 3072, 768),
+        lambda r: _tl_lin((12, 16, 16), (8, 8, 12), r),
+        lambda b: torch.randn(b, 128, 3072)),
+    "linear 768->3072 x128 tokens, 2-core speed layout": (
+        lambda: nn.Linear(768, 3072),
+        lambda r: _tn_fast(r, 768, 3072, 32 * 128),
+        None,
+        lambda b: torch.randn(b, 128, 768)),
+    "linear 3072->768 x128 tokens, 2-core speed layout": (
+        lambda: nn.Linear(3072, 768),
+        lambda r: _tn_fast(r, 3072, 768, 32 * 128),
+        None,
+        lambda b: torch.randn(b, 128, 3072)),
+    "LSTM 57600->256, 4 steps": (
+        lambda: nn.LSTM(57600, 256),
+        lambda r: _tn_lstm(r),
+        None,
+        lambda b: torch.randn(4, b, 57600)),
+}
+
+
+def _tn(cls, ratio, *args, **kw):
+    probe = cls(*args, ranks=1, **kw)
+    modes = probe._modes(probe._spec)
+    ranks = ranks_for_ratio(modes, ratio, cls.format)
+    return cls(*args, ranks=ranks, **kw)
+
+
+def _divisors(n):
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _tn_fast(ratio, i, o, tokens):
+    """TTLinear with the 2-core factorization (i1*i2 = I, o1*o2 = O) of least contraction FLOPs
+    among those whose core count is within 10% of dense / ratio."""
+    best = None
+    for i1 in _divisors(i):
+        for o1 in _divisors(o):
+            fi, fo = (i1, i // i1), (o1, o // o1)
+            modes = [fo[0] * fi[0], fo[1] * fi[1]]
+            ranks = ranks_for_ratio(modes, ratio, "tt")
+            if tn_params(modes, ranks) < 0.9 * i * o / ratio:  # same parameter count only
+                continue
+            cost = min(TTLinear._sweep_flops(fo, fi, ranks, tokens), TTLinear._sweep_flops(fo[::-1], fi[::-1],
+                                                                                            ranks[::-1], tokens))
+            if best is None or cost < best[0]:
+                best = (cost, fi, fo, ranks)
+    _, fi, fo, ranks = best
+    return TTLinear(i, o, ranks=ranks, in_factors=fi, out_factors=fo)
+
+
+def _tn_lstm(ratio):
+    probe = TTLSTM(57600, 256, ranks=1)
+    ls = probe.ih_l0
+    ranks = ranks_for_ratio(ls._modes(ls._spec), ratio, "tt")
+    return TTLSTM(57600, 256, ranks=ranks)
+
+
+def _tl_conv(i, o, ratio):
+    import tltorch
+    return tltorch.FactorizedConv(i, o, 3, order=2, padding=1, factorization="tt", rank=1 / ratio,
+                                  implementation="factorized")
+
+
+def _tl_lin(fi, fo, ratio):
+    import tltorch
+    # tltorch's "factorized" TT-matrix path is ~50x slower than dense here; use its faster "reconstructed"
+    return tltorch.FactorizedLinear(fi, fo, factorization="blocktt", rank=1 / ratio, implementation="reconstructed")
+
+
+def timeit(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def measure(module, make_x, batch, repeats):
+    x = make_x(batch)
+    module.eval()
+
+    def fwd():
+        with torch.no_grad():
+            module(x)
+
+    def train():
+        module.zero_grad(set_to_none=True)
+        y = module(x)
+        (y[0] if isinstance(y, tuple) else y).float().square().mean().backward()
+
+    module.train()
+    t_train = timeit(train, max(2, repeats // 2))
+    module.eval()
+    return timeit(fwd, repeats), t_train
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="fewer repeats, batch 32 only for the LSTM")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--only", default="", help="run only cases whose name contains this")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "layers.md"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    repeats = 5 if args.quick else 20
+    rows, stage_rows, lin_rows = [], [], []
+    for name, (mk_dense, mk_tn, mk_tl, mk_x) in CASES.items():
+        if args.only not in name:
+            continue
+        dense = mk_dense()
+        for batch in (1, 32):
+            t_dense = measure(dense, mk_x, batch, repeats)
+            for ratio in (4, 8):
+                tn = mk_tn(ratio)
+                t_tn = measure(tn, mk_x, batch, repeats)
+                tl, t_tl = None, None
+                if mk_tl is not None:
+                    try:
+                        tl = mk_tl(ratio)
+                        t_tl = measure(tl, mk_x, batch, repeats)
+                    except Exception as e:  # tltorch may not support a configuration
+                        print(f"tltorch failed on {name}: {e}", file=sys.stderr)
+                rows.append(dict(case=name, batch=batch, ratio=ratio, dense=t_dense, tn=t_tn, tl=t_tl,
+                                 p_dense=n_params(dense), p_tn=n_params(tn), p_tl=n_params(tl) if tl else None))
+                r = rows[-1]
+                print(f"{name} b={batch} {ratio}x: dense {t_dense[0]*1e3:.2f}ms TT {t_tn[0]*1e3:.2f}ms "
+                      f"({t_tn[0]/t_dense[0]:.2f}x) tltorch {t_tl[0]*1e3 if t_tl else float('nan'):.2f}ms",
+                      flush=True)
+                if batch == 32 and isinstance(tn, TTLinear):
+                    print(f"  TT linear factors in={tn.in_factors} out={tn.out_factors} ranks={tn.ranks} "
+                          f"dense path={tn.use_dense_path(32 * 128)}", flush=True)
+                    lin_rows.append((name, ratio, tn.in_factors, tn.out_factors, tn.ranks,
+                                     tn._contract_flops(32 * 128), tn._dense_path_flops(32 * 128),
+                                     tn.dense_flops((32 * 128, tn.in_features)), tn.use_dense_path(32 * 128),
+                                     t_tn[0], t_dense[0]))
+                if batch == 32 and isinstance(tn, TTConv2d):
+                    x = mk_x(batch)
+                    tn_f, dense_f = tn._stage_flops(tuple(x.shape))
+                    stage_rows.append((name, ratio, tn.ranks, tn_f, dense_f, t_tn[0], t_dense[0],
+                                       tn.use_dense_path(tuple(x.shape))))
+    write(args.out, rows, stage_rows, lin_rows, repeats)
+
+
+def write(path, rows, stage_rows, lin_rows, repeats):
+    def ms(t):
+        return "n/a" if t is None else f"{t * 1e3:.2f}"
+
+    lines = [
+        "# TN layer latency (CPU)", "",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} runs "
+        "(train: forward+backward, median of half as many). Shared machine: treat as indicative.", "",
+        "| case | batch | ratio | params dense / TT / tltorch | eval ms dense | eval ms TT (x dense) | "
+        "eval ms tltorch | train ms dense | train ms TT (x dense) | train ms tltorch |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['ratio']}x | {r['p_dense']} / {r['p_tn']} / {r['p_tl'] or 'n/a'} | "
+            f"{ms(r['dense'][0])} | {ms(r['tn'][0])} ({r['tn'][0] / r['dense'][0]:.2f}) | "
+            f"{ms(r['tl'][0] if r['tl'] else None)} | {ms(r['dense'][1])} | {ms(r['tn'][1])} "
+            f"({r['tn'][1] / r['dense'][1]:.2f}) | {ms(r['tl'][1] if r['tl'] else None)} |")
+    lines += ["", "## TT conv, batch 32: FLOPs per stage", "",
+              "| case | ratio | ranks | merge / in 1x1 / kernel conv / out 1x1 (MFLOP) | TT total vs dense FLOPs | "
+              "path | achieved GFLOP/s TT vs dense |", "|---|---|---|---|---|---|---|"]
+    for name, ratio, ranks, tn_f, dense_f, t_tn, t_dense, dense_path in stage_rows:
+        tot = sum(tn_f.values())
+        lines.append(f"| {name} | {ratio}x | {ranks} | " + " / ".join(f"{v / 1e6:.0f}" for v in tn_f.values()) +
+                     f" | {tot / dense_f['conv']:.2f} | {'dense' if dense_path else 'factorized'} | "
+                     f"{tot / t_tn / 1e9:.0f} vs {dense_f['conv'] / t_dense / 1e9:.0f} |")
+    lines += ["", "## TT linear, batch 32 (4096 tokens): FLOPs of both forward paths", "",
+              "| case | ratio | in / out factors | ranks | core contraction GFLOP | rebuild+GEMM GFLOP | dense GFLOP | "
+              "path | achieved GFLOP/s TT vs dense |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, ratio, fi, fo, ranks, f_c, f_d, f_dense, dense_path, t_tn, t_dense in lin_rows:
+        f = f_d if dense_path else f_c
+        lines.append(f"| {name} | {ratio}x | {fi} / {fo} | {ranks} | {f_c / 1e9:.2f} | {f_d / 1e9:.2f} | "
+                     f"{f_dense / 1e9:.2f} | {'rebuild' if dense_path else 'contract'} | "
+                     f"{f / t_tn / 1e9:.0f} vs {f_dense / t_dense / 1e9:.0f} |")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

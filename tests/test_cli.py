@@ -1,0 +1,148 @@
+"""The `tn-hf` command: compress / inspect / push / demo, and one-line errors with exit status 2."""
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+import tn_hf
+from tn_hf.cli import main, safetensors_header
+
+TARGETS = ["layer4.0.conv1", "layer4.0.conv2"]
+
+
+def _err_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def compressed_dir(tmp_path_factory):
+    """`tn-hf compress test_resnet --format tr --ratio 4 --targets ... --out DIR` (run once)."""
+    out = tmp_path_factory.mktemp("cli") / "tn-resnet"
+    torch.manual_seed(0)
+    assert main(["compress", "test_resnet", "--format", "tr", "--ratio", "4", "--targets", *TARGETS,
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_compress_writes_loadable_checkpoint_with_card(compressed_dir, capsys):
+    import timm
+    out = compressed_dir
+    assert {"config.json", "model.safetensors", "README.md", "compression.png"} <= {p.name for p in out.iterdir()}
+    cfg = json.loads((out / "config.json").read_text())
+    assert set(cfg["tn_hf"]["specs"]) == set(TARGETS)
+    assert cfg["tn_hf"]["config"]["format"] == "tr" and cfg["tn_hf"]["config"]["compression_ratio"] == 4.0
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    from tn_hf.layers.base import TNLayer
+    assert {n for n, m in model.named_modules() if isinstance(m, TNLayer)} == set(TARGETS)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+    assert "tensor-ring" in (out / "README.md").read_text()
+
+
+def test_inspect_folder_matches_model(compressed_dir, capsys):
+    capsys.readouterr()
+    assert main(["inspect", str(compressed_dir)]) == 0
+    text = capsys.readouterr().out
+    model = tn_hf.from_pretrained(compressed_dir)
+    header = safetensors_header(compressed_dir / "model.safetensors")
+    assert sum(1 for _ in header) == len(model.state_dict())
+    for name in TARGETS:
+        layer = model.get_submodule(name)
+        line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
+        assert str(sum(p.numel() for p in layer.parameters())) in line.split()
+        assert str(layer.dense_params()) in line.split()
+        assert "-".join(map(str, layer.ranks)) in line
+    total = sum(v.numel() for v in model.state_dict().values())
+    assert f"-> {total:,}" in text.splitlines()[-1]
+
+
+def test_push_then_inspect_repo(compressed_dir, hub, capsys):
+    assert main(["push", str(compressed_dir), "org/cli-resnet", "--private"]) == 0
+    assert hub.repos["org/cli-resnet"].private
+    assert hub.files("org/cli-resnet")["model.safetensors"] == (compressed_dir / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["inspect", "org/cli-resnet"]) == 0
+    out = capsys.readouterr()
+    assert all(name in out.out for name in TARGETS), out
+    assert main(["inspect", "org/missing-repo"]) == 2
+    assert "no Hub repo" in _err_line(capsys)
+    hub.auth = "401"
+    assert main(["push", str(compressed_dir), "org/cli-denied"]) == 1
+    assert "HTTP 401" in _err_line(capsys)
+
+
+def test_compress_from_hub_id_records_base_model(hub, tmp_path, capsys):
+    import timm
+    from huggingface_hub import HfApi
+    from timm.models._hub import save_for_hf
+    torch.manual_seed(0)
+    dense = timm.create_model("test_resnet", pretrained=False, num_classes=4).eval()
+    save_for_hf(dense, str(tmp_path / "dense"), safe_serialization=True)
+    HfApi().create_repo("org/dense-resnet")
+    HfApi().upload_folder(repo_id="org/dense-resnet", folder_path=tmp_path / "dense")
+    out = tmp_path / "tn"
+    assert main(["compress", "org/dense-resnet", "--ratio", "3", "--targets", "layer4.0.conv2", "--out", str(out)]) == 0
+    assert "layer4.0.conv2" in capsys.readouterr().out  # the report is printed
+    card = (out / "README.md").read_text()
+    assert "base_model: org/dense-resnet" in card and "base_model_relation: quantized" in card
+    loaded = tn_hf.from_pretrained(out).eval()
+    assert type(loaded.get_submodule("layer4.0.conv2")).__name__ == "TTConv2d"
+    torch.testing.assert_close(loaded.fc.weight, dense.fc.weight)  # the Hub weights, not a fresh init
+    with torch.no_grad():
+        assert loaded(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compress", "no_such_model_xyz", "--ratio", "3", "--out", "o"], "unknown model"),
+    (["compress", "test_resnet", "--ratio", "1", "--out", "o"], "--ratio must be > 1"),
+    (["compress", "test_resnet", "--ratio", "abc", "--out", "o"], "--ratio must be a number"),
+    (["compress", "test_resnet", "--format", "cp", "--ratio", "3", "--out", "o"], "invalid choice"),
+    (["inspect", "/no/such/folder"], "is not a checkpoint folder"),
+    (["push", "/no/such/folder", "org/x"], "is not a folder"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_user_errors_one_line_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse-level errors
+        code = e.code
+    assert code == 2
+    assert message in _err_line(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_inspect_dense_folder_is_user_error(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"architecture": "test_resnet"}')
+    (tmp_path / "model.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "not a tn_hf checkpoint" in _err_line(capsys)
+
+
+def test_demo_forwards_options(monkeypatch, capsys):
+    calls = []
+    fake = types.ModuleType("tn_hf.demo")
+
+    def run_demo(*, quick=False, ratio=None, format="tt", out=None):
+        calls.append(dict(quick=quick, ratio=ratio, format=format, out=out))
+        return {"accuracy": 0.9}
+
+    fake.run_demo = run_demo
+    monkeypatch.setitem(sys.modules, "tn_hf.demo", fake)
+    assert main(["demo", "--quick", "--ratio", "5", "--format", "tr", "--out", "d"]) == 0
+    assert calls == [dict(quick=True, ratio=5.0, format="tr", out="d")]
+    assert json.loads(capsys.readouterr().out) == {"accuracy": 0.9}
+
+
+def test_help_on_every_command(capsys):
+    for cmd in (["compress"], ["inspect"], ["push"], ["demo"]):
+        with pytest.raises(SystemExit) as e:
+            main([*cmd, "--help"])
+        assert e.value.code == 0 and f"usage: tn-hf {cmd[0]}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([])
+    assert e.value.code == 2 and "required" in _err_line(capsys)

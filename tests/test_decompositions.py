@@ -1,0 +1,167 @@
+"""Tests for tn_hf.decompositions against tensorly as the reference."""
+import numpy as np
+import pytest
+import tensorly as tl
+import torch
+from tensorly.decomposition import tensor_ring, tensor_train
+
+from tn_hf.decompositions import (allocate_ranks, allocation_summary, auto_modes, factorize,
+                                  ranks_for_ratio, tn_params, tr_project, tr_svd, tr_to_full,
+                                  tt_project, tt_svd, tt_to_full)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def storage(cores):
+    return sum(c.numel() for c in cores)
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(0)
+    # moderately structured tensor: low TT rank + noise
+    g = [torch.randn(1, 6, 5), torch.randn(5, 7, 5), torch.randn(5, 8, 5), torch.randn(5, 5, 1)]
+    t = tt_to_full(g).double()
+    return t / t.norm() + 0.02 * torch.randn(6, 7, 8, 5, dtype=torch.float64) / 40
+
+
+def test_factorize():
+    assert factorize(512, 3) == (8, 8, 8)
+    assert factorize(576, 3) == (8, 8, 9)
+    assert factorize(768, 3) == (8, 8, 12)
+    assert factorize(7, 2) == (1, 7)
+    assert factorize(1, 3) == (1, 1, 1)
+    for n, d in [(1000, 3), (4096, 4), (3 * 7 * 11, 2), (97, 3)]:
+        f = factorize(n, d)
+        assert len(f) == d and int(np.prod(f)) == n and list(f) == sorted(f)
+    assert auto_modes(512) == (4, 4, 4, 8) and auto_modes(7) == (7,)
+    with pytest.raises(ValueError):
+        factorize(0, 2)
+
+
+@pytest.mark.parametrize("ranks", [[1, 3, 4, 2, 1], [1, 6, 10, 5, 1], [1, 2, 2, 2, 1]])
+def test_tt_svd_matches_tensorly(x, ranks):
+    cores = tt_svd(x, ranks=ranks)
+    assert [c.shape[0] for c in cores] + [1] == ranks
+    ref = tl.tt_to_tensor(tensor_train(x.numpy(), rank=ranks))
+    ref_err = np.linalg.norm(ref - x.numpy()) / np.linalg.norm(x.numpy())
+    assert rel(tt_to_full(cores), x) == pytest.approx(ref_err, rel=1e-6, abs=1e-10)
+
+
+def test_tt_rel_error_bound_and_float32(x):
+    for e in (0.5, 0.1, 0.02, 1e-3):
+        cores = tt_svd(x, rel_error=e)
+        assert rel(tt_to_full(cores), x) <= e
+    x32 = x.float()
+    cores = tt_svd(x32, rel_error=0.1, max_rank=3)
+    assert all(c.dtype == torch.float32 for c in cores)
+    assert max(c.shape[-1] for c in cores) <= 3
+    assert rel(tt_to_full(tt_svd(x32, ranks=100)), x32) < 1e-5  # int ranks are clipped, exact
+
+
+def test_tr_svd_matches_tensorly(x):
+    ranks = [2, 3, 4, 5, 2]
+    cores = tr_svd(x, ranks=ranks)
+    assert [c.shape[0] for c in cores] + [cores[-1].shape[-1]] == ranks
+    ref = tl.tr_to_tensor(tensor_ring(x.numpy(), rank=ranks))
+    ref_err = np.linalg.norm(ref - x.numpy()) / np.linalg.norm(x.numpy())
+    # same algorithm; the split of the first SVD basis into (ring, bond) indices is a convention
+    # (tensorly orders it differently), so errors agree closely rather than exactly
+    assert rel(tr_to_full(cores), x) <= 1.01 * ref_err
+    assert rel(tr_to_full(cores), x) >= 0.9 * ref_err
+    assert rel(tr_to_full(tr_svd(x, ranks=[1, 3, 4, 5, 1])), x) == pytest.approx(
+        rel(tt_to_full(tt_svd(x, ranks=[1, 3, 4, 5, 1])), x), rel=1e-9)
+
+
+def test_tr_search_never_worse_than_tt(x):
+    torch.manual_seed(1)
+    g = [torch.randn(3, n, 3, dtype=torch.float64) for n in (6, 7, 8, 9)]
+    ring = tr_to_full(g)
+    ring = ring / ring.norm() + 1e-4 * torch.randn_like(ring)
+    for t in (x, ring, torch.randn(4, 9, 5, 6, dtype=torch.float64)):
+        for e in (0.3, 0.1, 0.01):
+            tr = tr_svd(t, rel_error=e)
+            assert rel(tr_to_full(tr), t) <= e
+            assert storage(tr) <= storage(tt_svd(t, rel_error=e))
+            assert [c.shape[1] for c in tr] == list(t.shape)  # original mode order
+    # on a true ring the search finds a ring (r0 > 1) that is strictly smaller than TT
+    tr = tr_svd(ring, rel_error=1e-3)
+    assert tr[0].shape[0] > 1 and storage(tr) < storage(tt_svd(ring, rel_error=1e-3))
+
+
+def test_tt_project_idempotent_and_near_exact(x):
+    for ranks in ([1, 3, 4, 2, 1], 4):
+        p = tt_project(x, ranks)
+        assert rel(tt_project(p, ranks), p) < 1e-9
+        exact = np.linalg.norm(tl.tt_to_tensor(tensor_train(x.numpy(), rank=ranks if isinstance(ranks, list)
+                                                            else [1, 4, 4, 4, 1])) - x.numpy())
+        assert float((p - x).norm()) <= 1.01 * exact
+    # wide unfoldings (randomized / Gram paths) stay within 1% of exact SVD-based TT-SVD
+    torch.manual_seed(2)
+    w = torch.randn(56, 64, 64) @ torch.diag(torch.logspace(0, -2, 64))
+    p = tt_project(w, [1, 16, 24, 1])
+    ref = tl.tt_to_tensor(tensor_train(w.double().numpy(), rank=[1, 16, 24, 1]))
+    assert float((p - w).norm()) <= 1.01 * np.linalg.norm(ref - w.double().numpy())
+    q = tr_project(x, [2, 2, 4, 3, 2])
+    assert q.shape == x.shape and rel(q, x) < rel(tt_project(x, 1), x)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(ranks=[1, 2, 1]), "length 5"),
+    (dict(ranks=[1, 0, 2, 2, 1]), ">= 1"),
+    (dict(ranks=[1, 7, 43, 5, 1]), "exceeds"),
+    (dict(ranks=[2, 2, 2, 2, 1]), "boundary"),
+    (dict(ranks=0), ">= 1"),
+    (dict(ranks=2, rel_error=0.1), "exactly one"),
+    (dict(), "exactly one"),
+    (dict(rel_error=-1.0), "rel_error"),
+])
+def test_tt_errors(x, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tt_svd(x, **bad)
+
+
+def test_input_errors(x):
+    with pytest.raises(ValueError, match="modes"):
+        tt_svd(torch.randn(5), ranks=2)
+    y = x.clone()
+    y[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        tt_project(y, 2)
+    with pytest.raises(ValueError, match="ring rank"):
+        tr_svd(x, ranks=[2, 2, 2, 2, 3])
+    with pytest.raises(ValueError, match="exceeds"):
+        tr_svd(x, ranks=[3, 3, 2, 2, 3])
+    with pytest.raises(ValueError, match="format"):
+        allocate_ranks({"a": x}, format="tucker2", compression_ratio=2.0)
+
+
+def test_tn_params_and_ranks_for_ratio():
+    assert tn_params((4, 5, 6), [1, 2, 3, 1]) == 4 * 2 + 2 * 5 * 3 + 3 * 6
+    for fmt in ("tt", "tr"):
+        r = ranks_for_ratio((8, 8, 9, 8, 8), 4.0, fmt)
+        p = tn_params((8, 8, 9, 8, 8), r)
+        assert p <= 8 * 8 * 9 * 8 * 8 / 4.0 and p > 8 * 8 * 9 * 8 * 8 / 4.0 / 1.6
+
+
+def test_allocate_ranks_budget_and_structure():
+    torch.manual_seed(3)
+    g = [torch.randn(1, 16, 12), torch.randn(12, 16, 12), torch.randn(12, 16, 1)]
+    structured = tt_to_full(g)
+    structured = structured / structured.norm() * 64 + 1e-3 * torch.randn(16, 16, 16)
+    tensors = {"structured": structured, "random": torch.randn(16, 16, 16),
+               "conv": torch.randn(8, 9, 4, 8)}
+    flops = {"structured": 1.0, "random": 1.0, "conv": 4.0}
+    for fmt in ("tt", "tr"):
+        for alloc in ("global", "uniform"):
+            for budget in ("params", "flops"):
+                for ratio in (3.0, 6.0):
+                    r = allocate_ranks(tensors, format=fmt, compression_ratio=ratio, budget=budget,
+                                       flops_per_param=flops, allocation=alloc)
+                    got = allocation_summary(tensors, r, budget=budget, flops_per_param=flops)["ratio"]
+                    assert ratio <= got <= ratio * 1.1, (fmt, alloc, budget, ratio, r, got)
+                    assert r["structured"][0] == r["structured"][-1]
+    r = allocate_ranks(tensors, format="tt", compression_ratio=4.0)
+    assert sum(r["structured"]) > sum(r["random"])

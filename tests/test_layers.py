@@ -1,0 +1,234 @@
+import json
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from tn_hf.layers import (TRConv1d, TRConv2d, TRConv3d, TRGRU, TRLinear, TRLSTM, TTConv1d, TTConv2d, TTConv3d,
+                          TTGRU, TTLinear, TTLSTM, layer_from_spec, registry, tn_class_for, tn_targets)
+
+LINEAR = [TTLinear, TRLinear]
+CONV = [TTConv1d, TTConv2d, TTConv3d, TRConv1d, TRConv2d, TRConv3d]
+RNN = [TTLSTM, TRLSTM, TTGRU, TRGRU]
+D = torch.float64
+
+
+def small(cls, ranks=3, **kw):
+    """A tiny layer of class cls plus a matching input (float64)."""
+    if cls in LINEAR:
+        m = cls(12, 20, ranks=ranks, in_factors=(3, 4), out_factors=(4, 5), **kw)
+        x = torch.randn(5, 12, dtype=D)
+    elif cls in CONV:
+        m = cls(6, 8, 3, padding=1, ranks=ranks, in_factors=(2, 3), out_factors=(2, 4), **kw)
+        x = torch.randn(2, 6, *([5] * cls.dim), dtype=D)
+    else:
+        m = cls(6, 4, ranks=ranks, n_modes=2, **kw)
+        x = torch.randn(4, 2, 6, dtype=D)
+    return m.to(D), x
+
+
+def dense_of(cls, bias=True):
+    if cls in LINEAR:
+        return nn.Linear(12, 20, bias=bias).to(D)
+    if cls in CONV:
+        return cls.dense_type(6, 8, 3, padding=1, bias=bias).to(D)
+    return cls.dense_type(6, 4, num_layers=2, bidirectional=True).to(D)
+
+
+def both_paths(m, x):
+    if isinstance(m, TTLinear.__mro__[1]):
+        return torch.nn.functional.linear(x, m.weight, m.bias), m._contract(x) + m.bias
+    return m.to_dense()(x), m._factorized(x)
+
+
+@pytest.mark.parametrize("cls", LINEAR + CONV, ids=lambda c: c.__name__)
+def test_paths_equal_and_forward(cls):
+    torch.manual_seed(0)
+    m, x = small(cls)
+    y_dense, y_tn = both_paths(m, x)
+    torch.testing.assert_close(y_dense, y_tn, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m(x), y_dense, rtol=1e-10, atol=1e-12)
+    if cls in LINEAR:  # both sweep directions of the core contraction
+        torch.testing.assert_close(m._contract(x, reverse=True) + m.bias, y_dense, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(m._contract(x, reverse=False) + m.bias, y_dense, rtol=1e-10, atol=1e-12)
+
+
+def test_path_choice_follows_flops():
+    m = TTLinear(768, 3072, ranks=16, in_factors=(8, 8, 12), out_factors=(16, 16, 12))
+    assert not m.use_dense_path(1)          # one token: contracting the cores is cheaper
+    assert m.use_dense_path(100000)         # many tokens: rebuild once + one GEMM
+    c = TTConv2d(256, 256, 3, padding=1, ranks=[1, 16, 64, 64, 16, 1])
+    assert not c.use_dense_path((32, 256, 14, 14))
+    assert c.flops((32, 256, 14, 14)) < c.dense_flops((32, 256, 14, 14)) / 3
+
+
+@pytest.mark.parametrize("cls", LINEAR + CONV, ids=lambda c: c.__name__)
+def test_init_variance(cls):
+    torch.manual_seed(0)
+    if cls in LINEAR:
+        ms = [cls(256, 256, ranks=8, in_factors=(4, 8, 8), out_factors=(8, 4, 8)) for _ in range(8)]
+        target = 1 / (3 * 256)
+    else:
+        ms = [cls(64, 64, 3, ranks=8, in_factors=(8, 8), out_factors=(8, 8)) for _ in range(8)]
+        target = 1 / (3 * 64 * 3 ** cls.dim)
+    var = torch.stack([m.weight.detach().var() for m in ms]).mean().item()
+    assert 0.75 < var / target < 1.33, (var, target)
+
+
+def test_rnn_init_variance():
+    torch.manual_seed(0)
+    var = torch.stack([TTLSTM(64, 32, ranks=8).weight_ih_l0.detach().var() for _ in range(8)]).mean().item()
+    assert 0.75 < var / (1 / (3 * 32)) < 1.33
+
+
+@pytest.mark.parametrize("cls", LINEAR + CONV, ids=lambda c: c.__name__)
+def test_from_dense_full_rank_round_trip(cls):
+    torch.manual_seed(0)
+    dense = dense_of(cls)
+    kw = dict(in_factors=(3, 4), out_factors=(4, 5)) if cls in LINEAR else dict(in_factors=(2, 3),
+                                                                                 out_factors=(2, 4))
+    m = cls.from_dense(dense, rel_error=1e-12, **kw)
+    back = m.to_dense()
+    assert type(back) is type(dense)
+    torch.testing.assert_close(back.weight, dense.weight, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(back.bias, dense.bias)
+    _, x = small(cls)
+    torch.testing.assert_close(m(x), dense(x), rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [TTLinear, TRConv2d], ids=lambda c: c.__name__)
+def test_compression_ratio(cls):
+    torch.manual_seed(0)
+    dense = nn.Linear(256, 512) if cls is TTLinear else nn.Conv2d(64, 64, 3)
+    m = cls.from_dense(dense, compression_ratio=4)
+    n_cores = sum(c.numel() for c in m.cores)
+    assert dense.weight.numel() / 8 < n_cores <= dense.weight.numel() / 4
+    assert "x smaller" in repr(m)
+
+
+@pytest.mark.parametrize("cls", LINEAR + CONV, ids=lambda c: c.__name__)
+def test_gradcheck_both_paths(cls):
+    torch.manual_seed(0)
+    if cls in LINEAR:
+        m = cls(6, 4, ranks=2, in_factors=(2, 3), out_factors=(2, 2)).to(D)
+        x = torch.randn(2, 6, dtype=D)
+    else:
+        m = cls(4, 4, 3, padding=1, ranks=2, in_factors=(2, 2), out_factors=(2, 2)).to(D)
+        x = torch.randn(1, 4, *([3] * cls.dim), dtype=D)
+    x.requires_grad_(True)
+    params = (*m.cores, m.bias)
+    for dense_path in (True, False):
+        assert torch.autograd.gradcheck(lambda x, *ps: _call(m, x, ps, dense_path), (x, *params))
+
+
+def _call(m, x, ps, dense_path):
+    """m(x) with the given core/bias tensors and the forward path forced."""
+    old = m.use_dense_path
+    m.use_dense_path = lambda *_: dense_path
+    try:
+        state = {**{f"cores.{i}": p for i, p in enumerate(ps[:-1])}, "bias": ps[-1]}
+        return torch.func.functional_call(m, state, (x,))
+    finally:
+        del m.use_dense_path
+        assert m.use_dense_path == old
+
+
+@pytest.mark.parametrize("cls", LINEAR + CONV + RNN, ids=lambda c: c.__name__)
+def test_spec_round_trip(cls):
+    torch.manual_seed(0)
+    m, x = small(cls)
+    spec = json.loads(json.dumps(m.spec()))
+    assert spec["class"] == cls.__name__ and registry[cls.__name__] is cls
+    m2 = layer_from_spec(spec).to(D)
+    m2.load_state_dict(m.state_dict())
+    assert cls.from_spec(spec).spec() == spec
+    y1, y2 = m(x), m2(x)
+    y1, y2 = (y1[0], y2[0]) if cls in RNN else (y1, y2)
+    torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cls", RNN, ids=lambda c: c.__name__)
+def test_rnn_matches_torch(cls):
+    torch.manual_seed(0)
+    dense = dense_of(cls)
+    m = cls.from_dense(dense, rel_error=1e-12)
+    names = sorted(dense.state_dict())
+    assert names == sorted(n for n, _ in dense.named_parameters())
+    for n in names:  # torch's names are readable on the TN layer
+        torch.testing.assert_close(getattr(m, n), getattr(dense, n), rtol=1e-9, atol=1e-10)
+    x = torch.randn(5, 3, 6, dtype=D)
+    h0 = torch.randn(4, 3, 4, dtype=D)
+    hx = (h0, torch.randn_like(h0)) if cls.mode == "LSTM" else h0
+    packed = pack_padded_sequence(x, torch.tensor([3, 5, 2]), enforce_sorted=False)
+    for inp in (x, packed):
+        (y1, h1), (y2, h2) = m(inp, hx), dense(inp, hx)
+        if isinstance(y1, torch.Tensor):
+            torch.testing.assert_close(y1, y2, rtol=1e-9, atol=1e-10)
+        else:
+            torch.testing.assert_close(y1.data, y2.data, rtol=1e-9, atol=1e-10)
+            assert torch.equal(y1.batch_sizes, y2.batch_sizes)
+        torch.testing.assert_close(h1, h2, rtol=1e-9, atol=1e-10)
+    back = m.to_dense()
+    torch.testing.assert_close(back(x, hx)[0], dense(x, hx)[0], rtol=1e-9, atol=1e-10)
+    assert [n for n, _ in tn_targets(m)] == ["ih_l0", "ih_l0_reverse", "ih_l1", "ih_l1_reverse"]
+    assert set(cls.weight_specs(m.spec())) == set(cls.dense_weights(dense))
+
+
+@pytest.mark.parametrize("cls", RNN, ids=lambda c: c.__name__)
+def test_rnn_options_match_to_dense(cls):
+    torch.manual_seed(0)
+    m = cls(6, 4, num_layers=2, batch_first=True, ranks=2, n_modes=2, compress_hidden=True).to(D)
+    d = m.to_dense()
+    x = torch.randn(3, 5, 6, dtype=D)
+    torch.testing.assert_close(m(x)[0], d(x)[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(m(x[0])[0], d(x[0])[0], rtol=1e-10, atol=1e-12)  # unbatched
+    assert len(list(tn_targets(m))) == 4
+
+
+def test_rnn_gradcheck():
+    torch.manual_seed(0)
+    m = TRGRU(4, 2, ranks=2, n_modes=2).to(D)
+    x = torch.randn(3, 1, 4, dtype=D, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: m(x)[0], (x,))
+
+
+def test_tn_class_for_and_errors():
+    assert tn_class_for(nn.Linear(4, 4), "tt") is TTLinear
+    assert tn_class_for(nn.Conv3d(4, 4, 3), "tr") is TRConv3d
+    assert tn_class_for(nn.GRU(4, 4), "tr") is TRGRU
+    with pytest.raises(ValueError, match="groups=2"):
+        tn_class_for(nn.Conv2d(4, 4, 3, groups=2), "tt")
+    with pytest.raises(ValueError, match="supported types.*Linear"):
+        tn_class_for(nn.BatchNorm2d(4), "tt")
+    with pytest.raises(ValueError, match="valid"):
+        tn_class_for(nn.Linear(4, 4), "tucker3")
+    with pytest.raises(ValueError, match="known.*TTLinear"):
+        layer_from_spec({"class": "Nope"})
+    with pytest.raises(ValueError, match=r"TTLinear\(12->20\).*product is 12"):
+        TTLinear(12, 20, ranks=2, in_factors=(3, 5), out_factors=(4, 5))
+    with pytest.raises(ValueError, match=r"TTLinear\(12->20\).*length 3"):
+        TTLinear(12, 20, ranks=[1, 2], in_factors=(3, 4), out_factors=(4, 5))
+    with pytest.raises(ValueError, match="exceeds"):
+        TTLinear(12, 20, ranks=[1, 99, 1], in_factors=(3, 4), out_factors=(4, 5))
+    with pytest.raises(ValueError, match="TRLinear.*ring rank"):
+        TRLinear(12, 20, ranks=[2, 3, 4], in_factors=(3, 4), out_factors=(4, 5))
+    with pytest.raises(ValueError, match="TTConv2d.*groups=2.*groups=1"):
+        TTConv2d(4, 4, 3, groups=2, ranks=2)
+    with pytest.raises(ValueError, match="expected Conv2d"):
+        TTConv2d.dense_spec(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="proj_size"):
+        TTLSTM.from_dense(nn.LSTM(4, 4, proj_size=2), ranks=2)
+
+
+def test_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    model = nn.Sequential(TTConv2d(4, 8, 3, padding=1, ranks=3, in_factors=(2, 2), out_factors=(2, 4)),
+                          nn.ReLU(), nn.Flatten(), TRLinear(8 * 16, 10, ranks=3, in_factors=(8, 16),
+                                                            out_factors=(2, 5)))
+    x = torch.randn(2, 4, 4, 4)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y, model(x))
+    y.sum().backward()
+    assert all(c.grad is not None for c in model[0].cores)

@@ -1,0 +1,210 @@
+"""Rank bookkeeping and per-layer rank allocation for a global budget (params or FLOPs)."""
+from __future__ import annotations
+
+import heapq
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .tr import tr_ranks
+from .tt import check_tensor, tt_ranks, unfolding_spectrum
+
+__all__ = ["tn_params", "ranks_for_ratio", "allocate_ranks", "allocation_summary"]
+
+_FORMATS = ("tt", "tr")
+
+
+def tn_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
+    """Number of TN parameters: ``sum r[k] * n[k] * r[k+1]``."""
+    if len(ranks) != len(shape) + 1:
+        raise ValueError(f"tn_params: shape {tuple(shape)} needs {len(shape) + 1} ranks, got {list(ranks)}")
+    return int(sum(ranks[k] * int(n) * ranks[k + 1] for k, n in enumerate(shape)))
+
+
+def _norm_ranks(shape, r, fmt):
+    return tt_ranks(shape, r) if fmt == "tt" else tr_ranks(shape, r)
+
+
+def ranks_for_ratio(shape: Sequence[int], ratio: float, format: str = "tt") -> list[int]:
+    """Largest single int rank (clipped list) whose TN params are <= dense / ``ratio``, then
+    internal bonds raised one at a time (middle first) while the budget allows.
+
+    Returns the rank-1 list when even that exceeds the budget.
+    """
+    if format not in _FORMATS:
+        raise ValueError(f"ranks_for_ratio: format must be one of {_FORMATS}, got {format!r}")
+    if not ratio > 0:
+        raise ValueError(f"ranks_for_ratio: ratio must be > 0, got {ratio}")
+    shape = [int(n) for n in shape]
+    budget = torch.tensor(shape).prod().item() / ratio
+    lo, hi = 1, max(shape) ** 2  # params are monotone in the int rank
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tn_params(shape, _norm_ranks(shape, mid, format)) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    r = _norm_ranks(shape, lo, format)
+    # fill the rest of the budget: raise internal bonds one at a time, middle bonds first
+    d = len(shape)
+    order = sorted(range(1, d), key=lambda k: abs(k - d / 2))
+    grown = True
+    while grown:
+        grown = False
+        for k in order:
+            new = list(r)
+            new[k] += 1
+            try:
+                ok = _norm_ranks(shape, new, format) == new
+            except ValueError:
+                ok = False
+            if ok and tn_params(shape, new) <= budget:
+                r, grown = new, True
+    return r
+
+
+def _validate(tensors, format, compression_ratio, budget, flops_per_param, allocation):
+    if format not in _FORMATS:
+        raise ValueError(f"allocate_ranks: format must be one of {_FORMATS}, got {format!r}")
+    if budget not in ("params", "flops"):
+        raise ValueError(f"allocate_ranks: budget must be 'params' or 'flops', got {budget!r}")
+    if allocation not in ("global", "uniform"):
+        raise ValueError(f"allocate_ranks: allocation must be 'global' or 'uniform', got {allocation!r}")
+    if not (isinstance(compression_ratio, (int, float)) and compression_ratio > 0):
+        raise ValueError(f"allocate_ranks: compression_ratio must be > 0, got {compression_ratio!r}")
+    if not tensors:
+        raise ValueError("allocate_ranks: no tensors given")
+    for name, t in tensors.items():
+        check_tensor(t, f"allocate_ranks[{name!r}]")
+    if budget == "flops":
+        missing = [n for n in tensors if flops_per_param is None or n not in flops_per_param]
+        if missing:
+            raise ValueError(f"allocate_ranks: budget='flops' needs flops_per_param for every tensor; missing {missing}")
+
+
+def _weights(tensors, budget, flops_per_param):
+    return {n: (float(flops_per_param[n]) if budget == "flops" else 1.0) for n in tensors}
+
+
+def _clip_tt(shape, r):
+    r = list(r)
+    d = len(shape)
+    for k in range(1, d):
+        r[k] = max(1, min(r[k], r[k - 1] * shape[k - 1]))
+    for k in range(d - 1, 0, -1):
+        r[k] = min(r[k], r[k + 1] * shape[k])
+    return r
+
+
+def _ladder(t: Tensor, weight: float, levels: int = 48):
+    """[(cost, est. squared error, ranks, unfolding tails)] for relative tolerances from 1 down to 0."""
+    shape = [int(s) for s in t.shape]
+    d = len(shape)
+    energy = (float(t.to(torch.float64).pow(2).sum()) or 1.0) / t.numel()
+    tails = []
+    for k in range(1, d):
+        spec = unfolding_spectrum(t, k) / energy
+        tail = torch.flip(torch.cumsum(torch.flip(spec, [0]), 0), [0])
+        tails.append(torch.cat([tail, tail.new_zeros(1)]))  # tail[r] = error at rank r
+    total = float(tails[0][0])
+    ones = [1] * (d + 1)
+    out = [(tn_params(shape, ones) * weight, sum(float(tl[1]) for tl in tails), ones, tails)]
+    for tau in [*torch.logspace(0, -4, levels).tolist(), 0.0]:
+        per_bond = tau * tau * total / max(d - 1, 1)
+        r = [1] + [max(1, int(torch.nonzero(tl <= per_bond * (1 + 1e-9)).flatten()[0])) for tl in tails] + [1]
+        r = _clip_tt(shape, r)
+        err = sum(float(tl[min(r[k + 1], tl.numel() - 1)]) for k, tl in enumerate(tails))
+        entry = (tn_params(shape, r) * weight, err, r, tails)
+        if not out or entry[2] != out[-1][2]:
+            out.append(entry)
+    return out
+
+
+def allocation_summary(tensors: dict[str, Tensor], ranks: dict[str, list[int]], *, budget="params",
+                       flops_per_param=None) -> dict:
+    """Dense vs TN cost (params or FLOP-weighted params) and the achieved compression ratio."""
+    w = _weights(tensors, budget, flops_per_param)
+    dense = sum(t.numel() * w[n] for n, t in tensors.items())
+    tn = sum(tn_params(t.shape, ranks[n]) * w[n] for n, t in tensors.items())
+    return {"dense": dense, "tn": tn, "ratio": dense / tn}
+
+
+def allocate_ranks(tensors: dict[str, Tensor], *, format: str = "tt", compression_ratio: float,
+                   budget: str = "params", flops_per_param: dict[str, float] | None = None,
+                   allocation: str = "global") -> dict[str, list[int]]:
+    """Per-tensor ranks so that total TN cost ~= total dense cost / ``compression_ratio``.
+
+    Cost is params, or params weighted by ``flops_per_param[name]`` with ``budget="flops"``.
+
+    ``allocation="uniform"``: every tensor at the ratio on its own (largest single int rank).
+    ``allocation="global"`` (TT): greedy from rank 1 everywhere; repeatedly raise the bond whose
+    next singular value (squared, of that unfolding, relative to the tensor's mean energy per
+    element) removes the
+    most approximation error per added cost, while the total stays within budget.
+    For TR the TT allocation fixes each tensor's share of the budget, and each tensor then gets the
+    largest single TR rank (ring rank included) that fits its share.
+    The achieved cost never exceeds the budget unless rank 1 everywhere already does.
+    """
+    _validate(tensors, format, compression_ratio, budget, flops_per_param, allocation)
+    w = _weights(tensors, budget, flops_per_param)
+    if allocation == "uniform":
+        return {n: ranks_for_ratio(t.shape, compression_ratio, format) for n, t in tensors.items()}
+
+    names = list(tensors)
+    shapes = {n: [int(s) for s in tensors[n].shape] for n in names}
+    total_budget = sum(tensors[n].numel() * w[n] for n in names) / compression_ratio
+    # per tensor: a ladder of rank lists from a grid of TT-SVD tolerances (equal split over
+    # bonds, as tt_svd(rel_error=) does), each with its cost and estimated squared error
+    # (sum of discarded unfolding energies, relative to the mean energy per element)
+    ladders = {n: _ladder(tensors[n].detach(), w[n]) for n in names}
+    level = {n: 0 for n in names}
+    cost = sum(ladders[n][0][0] for n in names)
+    heap = []
+
+    def push(n):
+        lad, i = ladders[n], level[n]
+        for j in range(i + 1, len(lad)):  # next level that lowers the error
+            add, gain = lad[j][0] - lad[i][0], lad[i][1] - lad[j][1]
+            if gain > 0 and add > 0:
+                heapq.heappush(heap, (-gain / add, add, n, j))
+                return
+
+    for n in names:
+        push(n)
+    while heap:
+        _, add, n, j = heapq.heappop(heap)
+        if cost + add > total_budget:
+            continue  # does not fit; other tensors' cheaper steps may still
+        cost += add
+        level[n] = j
+        push(n)
+    ranks = {n: list(ladders[n][level[n]][2]) for n in names}
+    # fill what the coarse ladder left: single-bond +1 steps, best error gain per cost first
+    tails = {n: ladders[n][-1][3] for n in names}
+    while True:
+        best = None
+        for n in names:
+            sh, r = shapes[n], ranks[n]
+            for k in range(1, len(sh)):
+                new = list(r)
+                new[k] += 1
+                if _clip_tt(sh, new) != new:
+                    continue
+                add = (tn_params(sh, new) - tn_params(sh, r)) * w[n]
+                tl = tails[n][k - 1]
+                gain = float(tl[r[k]] - tl[new[k]]) if new[k] < tl.numel() else 0.0
+                if cost + add <= total_budget and gain > 0 and (best is None or gain / add > best[0]):
+                    best = (gain / add, add, n, new)
+        if best is None:
+            break
+        cost += best[1]
+        ranks[best[2]] = best[3]
+    if format == "tt":
+        return ranks
+    # TR: each tensor's share of the budget from the TT allocation -> largest int TR rank in it
+    out = {}
+    for n in names:
+        share = max(tn_params(shapes[n], ranks[n]), 1)
+        out[n] = ranks_for_ratio(shapes[n], tensors[n].numel() / share, "tr")
+    return out

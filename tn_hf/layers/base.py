@@ -1,0 +1,237 @@
+"""TNLayer: the base of every Tensor-Train / Tensor-Ring layer.
+
+A leaf layer stores one dense weight as a chain of cores ``cores[k]`` of shape
+``(r[k-1], n[k], r[k])``. TT: ``r[0] == r[d] == 1``; TR: ``r[0] == r[d]`` is the ring rank
+and the full tensor is the trace over the ring. Both formats share every code path: a TT
+is a ring of rank 1 (the ring index ``a`` below has size 1).
+
+Subclasses define the tensorization (``dense_spec``, ``_modes``, ``tensorize``,
+``detensorize``) and the forward pass; this module holds what they share: rank
+normalisation, initialisation, decomposition of a dense weight, rebuilding, the spec
+round trip, the registry and ``tn_targets``.
+
+Composite layers (recurrent) hold one TN leaf per dense matrix and expose them through
+``tn_targets``; their spec has ``spec["weights"][name]`` = the leaf spec of dense weight
+``name`` (the name used by ``dense_weights``), see ``weight_specs``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+registry: dict[str, type] = {}
+
+FORMATS = ("tt", "tr")
+
+
+def _prod(xs) -> int:
+    p = 1
+    for x in xs:
+        p *= int(x)
+    return p
+
+
+def chain(cores) -> torch.Tensor:
+    """Contract a chain of cores (r0, n1, r1)...(r_{m-1}, n_m, r_m) into (r0, n1*...*n_m, r_m)."""
+    r0 = cores[0].shape[0]
+    m = cores[0].reshape(-1, cores[0].shape[-1])  # (r0*n1, r1)
+    for c in cores[1:]:
+        m = (m @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
+    return m.reshape(r0, -1, m.shape[-1])
+
+
+def chain_flops(modes, ranks) -> int:
+    """Multiply-add FLOPs (x2) of ``chain`` for cores with these modes and ranks."""
+    f, n = 0, ranks[0] * modes[0]
+    for k in range(1, len(modes)):
+        f += 2 * n * ranks[k] * modes[k] * ranks[k + 1]
+        n *= modes[k]
+    return f
+
+
+def cores_to_full(cores) -> torch.Tensor:
+    """TT/TR cores -> full tensor of shape (n1, ..., nd) (trace over the ring for TR)."""
+    m = chain(cores)
+    full = torch.diagonal(m, dim1=0, dim2=2).sum(-1) if m.shape[0] > 1 else m[0, :, 0]
+    return full.reshape([c.shape[1] for c in cores])
+
+
+def normalize_ranks(ranks, modes, fmt: str, where: str = "layer") -> list[int]:
+    """Full rank list (length d+1) from an int or a list (tn_hf.decompositions.tt_ranks/tr_ranks:
+    an int is clipped to what the shape allows, a list that does not fit is a ValueError)."""
+    from .. import decompositions as D
+    if fmt not in FORMATS:
+        raise ValueError(f"{where}: format {fmt!r} is not supported; valid: {FORMATS}")
+    if ranks is None:
+        raise ValueError(f"{where}: ranks are required (int or list of {len(modes) + 1} ints) for modes {tuple(modes)}")
+    d = len(modes)
+    try:
+        if fmt == "tt" or isinstance(ranks, int):
+            return [int(r) for r in (D.tt_ranks if fmt == "tt" else D.tr_ranks)(list(modes), ranks)]
+        # TR lists: tr_svd picks the ring's cyclic start, so only the ring structure is checked here
+        r = [int(v) for v in ranks]
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None
+    if len(r) != d + 1 or min(r) < 1 or r[0] != r[-1]:
+        raise ValueError(f"{where}: TR ranks {r} for modes {tuple(modes)} must be {d + 1} ints >= 1 with "
+                         f"ring rank r[0] == r[d]")
+    return r
+
+
+def _decomp(fmt):
+    from .. import decompositions as D
+    return D.tt_svd if fmt == "tt" else D.tr_svd
+
+
+def decompose(tensor: torch.Tensor, fmt: str, *, ranks=None, max_rank=None, rel_error=None,
+              compression_ratio=None, where="layer") -> list[torch.Tensor]:
+    """TT-SVD / TR-SVD of ``tensor`` (delegates to tn_hf.decompositions)."""
+    from ..decompositions import ranks_for_ratio
+    modes = tuple(tensor.shape)
+    svd = _decomp(fmt)
+    if compression_ratio is not None:
+        if not compression_ratio > 0:
+            raise ValueError(f"{where}: compression_ratio must be > 0, got {compression_ratio}")
+        ranks = ranks_for_ratio(modes, compression_ratio, fmt)
+    if ranks is not None:
+        ranks = normalize_ranks(ranks, modes, fmt, where)
+    if ranks is None and max_rank is None and rel_error is None:
+        raise ValueError(f"{where}: give one of ranks, max_rank, rel_error, compression_ratio")
+    return svd(tensor, ranks=ranks, max_rank=max_rank, rel_error=rel_error)
+
+
+class TNLayer(nn.Module):
+    """Base class; see module docstring. Subclasses set ``format`` and ``dense_type``."""
+
+    format: str = "tt"
+    dense_type: type = nn.Module
+    composite: bool = False
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if not cls.__name__.startswith("_"):
+            registry[cls.__name__] = cls
+
+    # ----------------------------------------------------------- leaf-layer machinery
+    def _init_cores(self, spec: dict, target_var: float):
+        """Create ``self.cores`` with N(0, s^2) entries so that Var(full tensor) == target_var.
+
+        Each entry of the full tensor is a sum over prod(internal ranks) products of d core
+        entries (TR: the ring rank counts as an internal rank), hence
+        Var = prod(ranks summed over) * s^(2d).
+        """
+        modes = self._modes(spec)
+        ranks = spec["ranks"]
+        d = len(modes)
+        summed = _prod(ranks[1:d]) * (ranks[0] if self.format == "tr" else 1)
+        s = (target_var / summed) ** (1.0 / (2 * d))
+        self.cores = nn.ParameterList(
+            [nn.Parameter(torch.randn(ranks[k], modes[k], ranks[k + 1]) * s) for k in range(d)])
+
+    @property
+    def ranks(self) -> list[int]:
+        return [self.cores[0].shape[0]] + [c.shape[-1] for c in self.cores]
+
+    def full_tensor(self) -> torch.Tensor:
+        return cores_to_full(list(self.cores))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dense weight rebuilt from the cores (read-only view; gradients flow to the cores)."""
+        return self.detensorize(self.full_tensor(), self._spec)
+
+    def spec(self) -> dict:
+        s = copy.deepcopy(self._spec)
+        s["ranks"] = self.ranks
+        return s
+
+    @classmethod
+    def weight_specs(cls, spec) -> dict:
+        """{dense weight name: leaf spec} - the tensorization of each name in dense_weights."""
+        return {"weight": spec}
+
+    @classmethod
+    def dense_weights(cls, module) -> dict:
+        return {"weight": module.weight}
+
+    @classmethod
+    def from_spec(cls, spec: dict):
+        """Empty layer (random init) with the exact parameter shapes of ``spec``."""
+        if cls is TNLayer or spec.get("class", cls.__name__) != cls.__name__:
+            return layer_from_spec(spec)
+        return cls._from_spec(spec)
+
+    @classmethod
+    def from_dense(cls, module, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
+                   in_factors=None, out_factors=None, n_modes=None):
+        spec = cls.dense_spec(module, ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
+        w = module.weight.detach()
+        cores = decompose(cls.tensorize(w, spec), cls.format, ranks=ranks, max_rank=max_rank,
+                          rel_error=rel_error, compression_ratio=compression_ratio, where=cls._where(spec))
+        spec["ranks"] = [cores[0].shape[0]] + [c.shape[-1] for c in cores]
+        layer = cls.from_spec(spec).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            for p, c in zip(layer.cores, cores):
+                p.copy_(c)
+            if getattr(module, "bias", None) is not None:
+                layer.bias.copy_(module.bias)
+        return layer
+
+    @classmethod
+    def _where(cls, spec) -> str:
+        return cls.__name__
+
+    # --------------------------------------------------------------- accounting
+    def params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        dense = self.dense_params()
+        return (f"{self._shape_repr()}, modes={tuple(self._modes(self._spec))}, ranks={self.ranks}, "
+                f"params={self.params()} ({dense / max(1, self.params()):.1f}x smaller than dense)")
+
+
+def layer_from_spec(spec: dict) -> TNLayer:
+    name = spec.get("class") if isinstance(spec, dict) else None
+    if name not in registry:
+        raise ValueError(f"unknown TN layer class {name!r}; known: {sorted(registry)}")
+    return registry[name]._from_spec(spec)
+
+
+def tn_targets(module: nn.Module, prefix: str = ""):
+    """Yield (relative name, TN leaf layer) for a TN layer (itself) or a composite one (its children)."""
+    if isinstance(module, TNLayer) and not module.composite:
+        yield prefix, module
+        return
+    for name, child in module.named_children():
+        yield from tn_targets(child, f"{prefix}.{name}" if prefix else name)
+
+
+def default_factors(n: int, d: int) -> tuple[int, ...]:
+    from ..decompositions import factorize
+    return tuple(int(f) for f in factorize(int(n), int(d)))
+
+
+def check_factors(factors, n: int, what: str, where: str) -> tuple[int, ...]:
+    f = tuple(int(x) for x in factors)
+    if not f or min(f) < 1 or _prod(f) != n:
+        raise ValueError(f"{where}: {what} {f} must be positive ints whose product is {n} (got product "
+                         f"{_prod(f) if f else 0}); e.g. {default_factors(n, max(1, len(f)))}")
+    return f
+
+
+def pair_factors(in_features, out_features, in_factors, out_factors, n_modes, where, default_d=3):
+    """Factor lists (same length) for both sides; factorize() fills what is not given."""
+    d = len(in_factors) if in_factors is not None else len(out_factors) if out_factors is not None else n_modes
+    if d is None:
+        d = max(2, min(default_d, int(math.log2(max(2, min(in_features, out_features)))) // 2))
+    if n_modes is not None and n_modes != d:
+        raise ValueError(f"{where}: n_modes={n_modes} disagrees with the given factors (length {d})")
+    fi = check_factors(in_factors, in_features, "in_factors", where) if in_factors is not None \
+        else default_factors(in_features, d)
+    fo = check_factors(out_factors, out_features, "out_factors", where) if out_factors is not None \
+        else default_factors(out_features, d)
+    return fi, fo

@@ -1,0 +1,268 @@
+"""TT/TR convolutions (1d/2d/3d) sharing one implementation, parametrised by spatial dim.
+
+Tensorization (ADMM-TT layout): W (O, I, *kernel) -> modes (o1..op, K, i1..iq), K = prod(kernel):
+output-channel cores, then one kernel core, then input-channel cores. Core shapes
+(r[k-1], n[k], r[k]); for TR the ring rank r[0] == r[d] closes the chain.
+
+Factorized forward (a sequence of 1x1 convs around one small conv):
+  1. input cores merged to U (r_b, I, A) -> 1x1 conv I -> A*r_b channels (ring index a folded
+     into the channel dim, A = ring rank, 1 for TT)
+  2. kernel core (r_a, K, r_b) -> conv with the layer's kernel/stride/padding/dilation,
+     A*r_b -> A*r_a channels, groups=A (the same small kernel for each ring index)
+  3. output cores merged to V (A, O, r_a) -> 1x1 conv A*r_a -> O channels (sums the ring), + bias.
+Padding is applied only in step 2: 1x1 maps are pointwise linear, so they commute with
+zero/reflect/replicate/circular padding. The alternative path rebuilds W and calls F.convNd;
+the cheaper one (FLOP estimate for the given input size) is used.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import TNLayer, _prod, chain, chain_flops, check_factors, default_factors, normalize_ranks
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _tuple(v, n, what, where):
+    if isinstance(v, int):
+        return (int(v),) * n
+    t = tuple(int(x) for x in v)
+    if len(t) != n:
+        raise ValueError(f"{where}: {what} {v!r} must be an int or {n} ints")
+    return t
+
+
+class _TNConv(TNLayer):
+    dim: int = 2
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", *, ranks, in_factors=None, out_factors=None, n_modes=None):
+        super().__init__()
+        spec = type(self).dense_spec_from_args(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+            ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
+        spec["ranks"] = normalize_ranks(ranks, self._modes(spec), self.format, self._where(spec))
+        self._spec = spec
+        self.in_channels, self.out_channels = spec["in_channels"], spec["out_channels"]
+        self.kernel_size, self.stride = tuple(spec["kernel_size"]), tuple(spec["stride"])
+        self.padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
+        self.dilation, self.groups, self.padding_mode = tuple(spec["dilation"]), 1, spec["padding_mode"]
+        self.in_factors, self.out_factors = tuple(spec["in_factors"]), tuple(spec["out_factors"])
+        fan_in = self.in_channels * _prod(self.kernel_size)
+        self._init_cores(spec, 1.0 / (3 * fan_in))  # = nn.ConvNd default (kaiming_uniform a=sqrt(5))
+        if bias:
+            bound = 1.0 / math.sqrt(fan_in)
+            self.bias = nn.Parameter(torch.empty(self.out_channels).uniform_(-bound, bound))
+        else:
+            self.register_parameter("bias", None)
+        # explicit padding (F.pad) for non-zero modes and asymmetric 'same'
+        self._pad, self._conv_padding = self._padding_plan()
+
+    # ---------------------------------------------------------------- tensorization
+    @classmethod
+    def dense_spec_from_args(cls, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                             groups=1, bias=True, padding_mode="zeros", *, ranks=None, in_factors=None,
+                             out_factors=None, n_modes=None):
+        n = cls.dim
+        where = f"{cls.__name__}({in_channels}->{out_channels}, kernel={kernel_size})"
+        if groups != 1:
+            raise ValueError(f"{where}: groups={groups} is not supported; TN convolutions need groups=1")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"{where}: padding_mode {padding_mode!r}; valid: {PADDING_MODES}")
+        ks = _tuple(kernel_size, n, "kernel_size", where)
+        st = _tuple(stride, n, "stride", where)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"{where}: padding {padding!r}; valid: 'same', 'valid' or ints")
+            if padding == "same" and any(s != 1 for s in st):
+                raise ValueError(f"{where}: padding='same' needs stride 1, got stride={st}")
+            pad = padding
+        else:
+            pad = list(_tuple(padding, n, "padding", where))
+        d_in = len(in_factors) if in_factors is not None else (n_modes or 2)
+        d_out = len(out_factors) if out_factors is not None else (n_modes or 2)
+        fi = check_factors(in_factors, in_channels, "in_factors", where) if in_factors is not None \
+            else default_factors(in_channels, d_in)
+        fo = check_factors(out_factors, out_channels, "out_factors", where) if out_factors is not None \
+            else default_factors(out_channels, d_out)
+        return {"class": cls.__name__, "format": cls.format, "in_channels": int(in_channels),
+                "out_channels": int(out_channels), "kernel_size": list(ks), "stride": list(st), "padding": pad,
+                "dilation": list(_tuple(dilation, n, "dilation", where)), "groups": 1, "bias": bool(bias),
+                "padding_mode": padding_mode, "in_factors": list(fi), "out_factors": list(fo), "ranks": ranks}
+
+    @classmethod
+    def dense_spec(cls, module, *, ranks=None, in_factors=None, out_factors=None, n_modes=None):
+        dense = _DENSE[cls.dim]
+        if type(module) is not dense and not isinstance(module, dense):
+            raise ValueError(f"{cls.__name__}.dense_spec: expected {dense.__name__}, got {type(module).__name__}")
+        return cls.dense_spec_from_args(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+            module.dilation, module.groups, module.bias is not None, module.padding_mode,
+            ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
+
+    @classmethod
+    def _where(cls, spec):
+        return f"{cls.__name__}({spec['in_channels']}->{spec['out_channels']}, kernel={tuple(spec['kernel_size'])})"
+
+    @staticmethod
+    def _modes(spec):
+        return [*spec["out_factors"], _prod(spec["kernel_size"]), *spec["in_factors"]]
+
+    @classmethod
+    def tensorize(cls, weight, spec):
+        o, i, k = spec["out_channels"], spec["in_channels"], _prod(spec["kernel_size"])
+        if weight.numel() != o * i * k or weight.shape[0] != o or weight.shape[1] != i:
+            raise ValueError(f"{cls._where(spec)}: weight shape {tuple(weight.shape)} does not match")
+        return weight.reshape(o, i, k).transpose(1, 2).reshape(cls._modes(spec))
+
+    @classmethod
+    def detensorize(cls, tensor, spec):
+        o, i, k = spec["out_channels"], spec["in_channels"], _prod(spec["kernel_size"])
+        return tensor.reshape(o, k, i).transpose(1, 2).reshape(o, i, *spec["kernel_size"])
+
+    @classmethod
+    def _from_spec(cls, spec):
+        return cls(spec["in_channels"], spec["out_channels"], spec["kernel_size"], spec["stride"], spec["padding"],
+                   spec["dilation"], spec.get("groups", 1), spec.get("bias", True), spec.get("padding_mode", "zeros"),
+                   ranks=spec["ranks"], in_factors=spec["in_factors"], out_factors=spec["out_factors"])
+
+    # --------------------------------------------------------------------- forward
+    def _padding_plan(self):
+        n, ks, dil = self.dim, self.kernel_size, self.dilation
+        if self.padding == "valid":
+            lr = [(0, 0)] * n
+        elif self.padding == "same":
+            lr = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(ks, dil)]
+        else:
+            lr = [(p, p) for p in self.padding]
+        self._lr = lr
+        if self.padding_mode == "zeros" and all(a == b for a, b in lr):
+            return None, tuple(a for a, _ in lr)
+        pad = []
+        for a, b in reversed(lr):  # F.pad wants the last dim first
+            pad += [a, b]
+        return tuple(pad), (0,) * n
+
+    def _pad_input(self, x):
+        if self._pad is None:
+            return x
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, self._pad, mode=mode)
+
+    def _split(self):
+        p = len(self.out_factors)
+        return list(self.cores[:p]), self.cores[p], list(self.cores[p + 1:])
+
+    def _out_spatial(self, spatial):
+        return [(s + lo + hi - d * (k - 1) - 1) // st + 1 for s, (lo, hi), d, k, st in
+                zip(spatial, self._lr, self.dilation, self.kernel_size, self.stride)]
+
+    def _stage_flops(self, input_shape):
+        """FLOPs of (merge cores, stage 1, small conv, stage 3) and of the dense path (rebuild, conv)."""
+        b, spatial = _prod(input_shape[:-self.dim - 1]), input_shape[-self.dim:]
+        hw_in, hw_out = _prod(spatial), _prod(self._out_spatial(spatial))
+        r, modes, p = self.ranks, self._modes(self._spec), len(self.out_factors)
+        a, ra, rb, k = r[0], r[p], r[p + 1], modes[p]
+        merge = chain_flops(modes[:p], r[:p + 1]) + chain_flops(modes[p + 1:], r[p + 1:])
+        tn = {"merge": merge, "in": 2 * b * hw_in * self.in_channels * a * rb,
+              "kernel": 2 * b * hw_out * a * ra * rb * k, "out": 2 * b * hw_out * a * ra * self.out_channels}
+        dense = {"rebuild": chain_flops(modes, r),
+                 "conv": 2 * b * hw_out * self.out_channels * self.in_channels * k}
+        return tn, dense
+
+    def use_dense_path(self, input_shape) -> bool:
+        tn, dense = self._stage_flops(input_shape)
+        return sum(dense.values()) < sum(tn.values())
+
+    @staticmethod
+    def _pointwise(w, x, bias=None):
+        """1x1 convolution as one batched GEMM: w (M, C), x (B, C, *spatial) -> (B, M, *spatial)."""
+        y = torch.matmul(w, x.flatten(2))
+        if bias is not None:
+            y = y + bias.unsqueeze(-1)
+        return y.reshape(x.shape[0], w.shape[0], *x.shape[2:])
+
+    def _factorized(self, x):
+        unbatched = x.dim() == self.dim + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        outs, kcore, ins = self._split()
+        a = self.cores[0].shape[0]
+        u = chain(ins)                                    # (r_b, I, A)
+        rb = u.shape[0]
+        y = self._pointwise(u.permute(2, 0, 1).reshape(a * rb, self.in_channels), x)  # (B, A*r_b, ...)
+        ra = kcore.shape[0]
+        kw = kcore.permute(0, 2, 1).reshape(ra, rb, *self.kernel_size)
+        if a > 1:
+            kw = kw.repeat(a, *([1] * (self.dim + 1)))
+        y = _CONV_FN[self.dim](self._pad_input(y), kw, None, self.stride, self._conv_padding, self.dilation, a)
+        v = chain(outs)                                   # (A, O, r_a)
+        y = self._pointwise(v.permute(1, 0, 2).reshape(self.out_channels, a * ra), y, self.bias)
+        return y.squeeze(0) if unbatched else y
+
+    def forward(self, x):
+        if x.shape[-self.dim - 1] != self.in_channels:
+            raise ValueError(f"{self._where(self._spec)}: input {tuple(x.shape)} has {x.shape[-self.dim - 1]} "
+                             f"channels, expected {self.in_channels}")
+        if self.use_dense_path(tuple(x.shape)):
+            return _CONV_FN[self.dim](self._pad_input(x), self.weight, self.bias, self.stride,
+                                      self._conv_padding, self.dilation)
+        return self._factorized(x)
+
+    # -------------------------------------------------------------------- helpers
+    def to_dense(self):
+        w = self.weight.detach()
+        s = self._spec
+        m = _DENSE[self.dim](self.in_channels, self.out_channels, self.kernel_size, self.stride,
+                             s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"]), self.dilation,
+                             1, self.bias is not None, self.padding_mode, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            m.weight.copy_(w)
+            if self.bias is not None:
+                m.bias.copy_(self.bias)
+        return m
+
+    def dense_params(self) -> int:
+        return self.out_channels * self.in_channels * _prod(self.kernel_size) + \
+            (self.out_channels if self.bias is not None else 0)
+
+    def flops(self, input_shape) -> int:
+        tn, dense = self._stage_flops(tuple(input_shape))
+        return min(sum(tn.values()), sum(dense.values()))
+
+    def dense_flops(self, input_shape) -> int:
+        return self._stage_flops(tuple(input_shape))[1]["conv"]
+
+    def _shape_repr(self):
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, in_factors={self.in_factors}, out_factors={self.out_factors}")
+
+
+class TTConv1d(_TNConv):
+    format, dim, dense_type = "tt", 1, nn.Conv1d
+
+
+class TTConv2d(_TNConv):
+    format, dim, dense_type = "tt", 2, nn.Conv2d
+
+
+class TTConv3d(_TNConv):
+    format, dim, dense_type = "tt", 3, nn.Conv3d
+
+
+class TRConv1d(_TNConv):
+    format, dim, dense_type = "tr", 1, nn.Conv1d
+
+
+class TRConv2d(_TNConv):
+    format, dim, dense_type = "tr", 2, nn.Conv2d
+
+
+class TRConv3d(_TNConv):
+    format, dim, dense_type = "tr", 3, nn.Conv3d
