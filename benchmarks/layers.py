@@ -112,6 +112,32 @@ def _tl_lin(fi, fo, ratio):
     return tltorch.FactorizedLinear(fi, fo, factorization="blocktt", rank=1 / ratio, implementation="reconstructed")
 
 
+NOTES = """
+## Notes
+
+- Layouts: TT conv = modes (out factors, kernel, in factors), run as 1x1 GEMM -> small conv
+  (r_b -> r_a channels) -> 1x1 GEMM; ranks = largest uniform rank with cores <= dense/ratio.
+  Targets (batch 32 eval): TT conv 4x <= 0.30x dense, 8x <= 0.18x. The FLOP ratio of the
+  factorized path is 0.25 (4x) / 0.12 (8x) for the 256-channel conv; the small conv with
+  r_a = r_b ~ 66..102 channels runs at a lower GFLOP/s than the big dense conv, which is the
+  gap between the FLOP ratio and the time ratio (see the stage table).
+- TT linear with the default balanced 3-mode TT-matrix (768 = 8x8x12, 3072 = 12x16x16): the
+  core sweep costs more FLOPs than the dense GEMM at these ranks (TT-matrix-by-vector FLOPs grow
+  with r^2 * (prod of the other modes)), so the layer takes the rebuild+GEMM path: ~1x dense at
+  batch 32, slower at batch 1 (the rebuild, output-size x rank FLOPs, is not amortised over
+  128 tokens). The 0.4x target for 768->3072 at 8x is met only by a FLOP-friendly 2-core
+  layout (rows "2-core speed layout": factors picked by least sweep FLOPs at the same core
+  count), not by the balanced default.
+- tltorch: TT conv "factorized" implementation (its 4-core TT over (O, I, kh, kw), run as
+  1x1 -> kh x 1 -> 1 x kw -> 1x1); TT-matrix linear ("blocktt") with its "reconstructed"
+  implementation, because its "factorized" one is ~10-50x slower than dense here. tltorch has no LSTM.
+- LSTM: TT over the input-to-hidden matrix (1024 x 57600) only; hidden-to-hidden dense. At
+  4x/8x the uniform TT ranks are ~150-215 (the TT-LSTM paper uses rank ~4 at >1000x), so both
+  the sweep and the rebuild (59M entries x rank) cost far more than the dense GEMM over 4..128
+  tokens: 2.5-3x slower than dense. TT pays off here only at high compression (small ranks).
+"""
+
+
 def timeit(fn, repeats, warmup=2):
     for _ in range(warmup):
         fn()
@@ -229,7 +255,7 @@ def write(path, rows, stage_rows, lin_rows, repeats):
                      f"{f_dense / 1e9:.2f} | {'rebuild' if dense_path else 'contract'} | "
                      f"{f / t_tn / 1e9:.0f} vs {f_dense / t_dense / 1e9:.0f} |")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(lines) + "\n")
+    Path(path).write_text("\n".join(lines) + "\n" + NOTES)
     print(f"wrote {path}")
 
 

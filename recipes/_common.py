@@ -433,6 +433,12 @@ def run_pipeline(args, model, train_ds, test_ds, cfg, *, recipe, base_model=None
     accelerator.free_memory()
 
     # ---- ADMM-regularised training (dense structure, weights pulled to low TT/TR rank)
+    if args.resume:  # the ranks are planned from the weights: plan them from the checkpoint's
+        from safetensors.torch import load_file
+        weights = Path(args.resume) / "model.safetensors"
+        if not weights.is_file():
+            raise SystemExit(f"--resume {args.resume}: no model.safetensors (not an accelerator.save_state folder)")
+        model.load_state_dict(load_file(str(weights)))
     prep_model, opt, tl = accelerator.prepare(model, _sgd(model, args.lr, args), train_loader)
     sched = tn_hf.ADMMScheduler(accelerator.unwrap_model(prep_model), cfg, rho=args.rho,
                                 update_every=update_every)

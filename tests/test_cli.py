@@ -9,7 +9,7 @@ import torch
 import tn_hf
 from tn_hf.cli import main, safetensors_header
 
-TARGETS = ["layer4.0.conv1", "layer4.0.conv2"]
+TARGETS = ["layer3.0.conv2", "layer4.0.conv2"]
 
 
 def _err_line(capsys):
@@ -146,3 +146,22 @@ def test_help_on_every_command(capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2 and "required" in _err_line(capsys)
+
+
+def test_inspect_transformers_checkpoint(tmp_path, capsys):
+    """transformers may rename tensors on save: TN sizes still come out per layer, from the specs."""
+    T = pytest.importorskip("transformers")
+    from tn_hf.cli import inspect_checkpoint
+    torch.manual_seed(0)
+    cfg = T.VivitConfig(tubelet_size=[2, 8, 8], image_size=32, num_frames=4, hidden_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=128, num_labels=3)
+    model = T.VivitForVideoClassification(cfg)
+    tn_hf.compress(model, tn_hf.TNConfig(ranks=4, min_params=1000, target_modules=r".*mlp\..*"), progress=False)
+    tn_hf.save_pretrained(model, tmp_path / "ckpt")
+    info = inspect_checkpoint(str(tmp_path / "ckpt"))
+    assert {r["name"] for r in info["rows"]} == set(model.tn_hf_specs) and info["rows"]
+    for r in info["rows"]:
+        layer = model.get_submodule(r["name"])
+        assert r["tn_params"] == sum(p.numel() for p in layer.parameters())
+        assert r["dense_params"] == layer.dense_params() and r["ranks"] == layer.ranks
+    assert info["totals"]["model_params_tn"] == sum(v.numel() for v in model.state_dict().values())

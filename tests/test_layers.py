@@ -37,7 +37,7 @@ def dense_of(cls, bias=True):
 
 
 def both_paths(m, x):
-    if isinstance(m, TTLinear.__mro__[1]):
+    if isinstance(m, (TTLinear, TRLinear)):
         return torch.nn.functional.linear(x, m.weight, m.bias), m._contract(x) + m.bias
     return m.to_dense()(x), m._factorized(x)
 
@@ -114,8 +114,9 @@ def test_gradcheck_both_paths(cls):
         m = cls(6, 4, ranks=2, in_factors=(2, 3), out_factors=(2, 2)).to(D)
         x = torch.randn(2, 6, dtype=D)
     else:
-        m = cls(4, 4, 3, padding=1, ranks=2, in_factors=(2, 2), out_factors=(2, 2)).to(D)
-        x = torch.randn(1, 4, *([3] * cls.dim), dtype=D)
+        k = 3 if cls.dim < 3 else 2  # keep the 3-d case cheap
+        m = cls(4, 4, k, padding=1, ranks=2, in_factors=(2, 2), out_factors=(2, 2)).to(D)
+        x = torch.randn(1, 4, *([k] * cls.dim), dtype=D)
     x.requires_grad_(True)
     params = (*m.cores, m.bias)
     for dense_path in (True, False):

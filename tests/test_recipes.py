@@ -122,7 +122,7 @@ def test_trainer_videomae_smoke(tmp_path):
 
 def test_resnet18_two_process_accelerate_launch(tmp_path):
     out = tmp_path / "r18"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    cmd = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--cpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            str(RECIPES / "resnet18_imagenet.py"), "--dataset", "mnist-5k", "--image-size", "16",
            "--batch-size", "8", "--max-steps", "2", "--update-every", "1", "--output-dir", str(out)]

@@ -6,14 +6,14 @@ loader hook, so that the ecosystems' own ``from_pretrained`` rebuild TN layers.
 from importlib import import_module
 
 from .config import TNConfig
+# Eager: the submodule `tn_hf.compress` shares its name with the function; binding the function
+# here, after the submodule is imported, keeps `tn_hf.compress(model, cfg)` the function.
+from .compress import CompressionReport, compress, decompress
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported lazily, so `import tn_hf` stays light)
 _EXPORTS = {
-    "compress": ".compress",
-    "decompress": ".compress",
-    "CompressionReport": ".compress",
     "ADMMScheduler": ".admm",
     "ADMMTTCallback": ".integrations.trainer",
     "save_pretrained": ".hub",
@@ -21,7 +21,7 @@ _EXPORTS = {
     "push_to_hub": ".push",
 }
 
-__all__ = ["TNConfig", *_EXPORTS]
+__all__ = ["TNConfig", "compress", "decompress", "CompressionReport", *_EXPORTS]
 
 
 def __getattr__(name):

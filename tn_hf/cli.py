@@ -142,17 +142,18 @@ def _specs_of(cfg: dict):
     return None, None
 
 
-def _dense_params_of(spec: dict):
-    """Dense params of the layer a spec replaces, from an empty layer built on the meta device."""
+def _layer_params(spec: dict):
+    """(dense params, TN params, TN class, dense class) of a spec, from an empty layer on the meta device."""
     try:
         import torch
 
         from .layers import layer_from_spec
         with torch.device("meta"):
             layer = layer_from_spec(spec)
-        return int(layer.dense_params()), type(layer).__name__, getattr(layer.dense_type, "__name__", "?")
-    except Exception:  # noqa: BLE001 - unknown/future spec: leave the cell empty
-        return None, spec.get("class", "?"), "?"
+        tn = sum(p.numel() for p in layer.parameters())
+        return int(layer.dense_params()), tn, type(layer).__name__, getattr(layer.dense_type, "__name__", "?")
+    except Exception:  # noqa: BLE001 - unknown/future spec: fall back to the safetensors header
+        return None, None, spec.get("class", "?"), "?"
 
 
 def inspect_checkpoint(target: str) -> dict:
@@ -174,8 +175,9 @@ def inspect_checkpoint(target: str) -> dict:
     sizes = {k: _numel(v["shape"]) for k, v in header.items()}
     rows = []
     for name, spec in specs.items():
-        tn = sum(n for k, n in sizes.items() if k.startswith(name + ".") or k.startswith("model." + name + "."))
-        dense, tn_type, dense_type = _dense_params_of(spec)
+        dense, tn, tn_type, dense_type = _layer_params(spec)
+        if tn is None:  # tensors stored under the module's name (timm / plain torch layouts)
+            tn = sum(n for k, n in sizes.items() if k.startswith(name + "."))
         rows.append({"name": name, "type": dense_type, "tn_type": tn_type, "dense_params": dense,
                      "tn_params": tn, "ratio": dense / tn if dense and tn else None, "ranks": spec.get("ranks")})
     total = sum(sizes.values())

@@ -478,14 +478,3 @@ def decompress(model: nn.Module) -> nn.Module:
         from .integrations.transformers import detach_quantization_config
         detach_quantization_config(model)
     return model
-
-
-# `tn_hf.compress` is both this module and the public function: importing the submodule
-# (e.g. `from tn_hf.compress import plan`) rebinds the package attribute to the module, so the
-# module forwards calls to the function and `tn_hf.compress(model, config)` works either way.
-class _CallableModule(type(math)):
-    def __call__(self, *args, **kwargs):
-        return compress(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

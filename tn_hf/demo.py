@@ -60,7 +60,7 @@ class SmallCNN(nn.Module):
     def __init__(self, widths=(32, 64, 64, 128), num_classes: int = 10):
         super().__init__()
         w1, w2, w3, w4 = (int(w) for w in widths)
-        self.conv1 = nn.Conv2d(1, w1, 3, padding=1)
+        self.conv1 = nn.Conv2d(1, w1, 3, stride=2, padding=1)
         self.conv2 = nn.Conv2d(w1, w2, 3, padding=1)
         self.conv3 = nn.Conv2d(w2, w3, 3, padding=1)
         self.conv4 = nn.Conv2d(w3, w4, 3, padding=1)
@@ -69,9 +69,9 @@ class SmallCNN(nn.Module):
         self.tn_hf_model_args = {"widths": [w1, w2, w3, w4], "num_classes": int(num_classes)}
 
     def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn[0](self.conv1(x))), 2)   # 14x14
-        x = F.max_pool2d(F.relu(self.bn[1](self.conv2(x))), 2)   # 7x7
-        x = F.relu(self.bn[2](self.conv3(x)))
+        x = F.max_pool2d(F.relu(self.bn[0](self.conv1(x))), 2)   # 7x7
+        x = F.relu(self.bn[1](self.conv2(x)))
+        x = F.max_pool2d(F.relu(self.bn[2](self.conv3(x))), 2, ceil_mode=True)   # 4x4
         x = F.relu(self.bn[3](self.conv4(x)))
         return self.head(x.mean((2, 3)))
 
@@ -214,7 +214,7 @@ def compare(dense, train_loader, test_loader, config: TNConfig, *, admm_epochs: 
     return out
 
 
-def run_demo(ratio: float = 8.0, format: str = "tt", epochs: int = 4, admm_epochs: int = 4,
+def run_demo(ratio: float = 8.0, format: str = "tt", epochs: int = 3, admm_epochs: int = 3,
              finetune_epochs: int = 2, out_dir: str = "outputs/demo", quick: bool = False, seed: int = 0,
              progress: bool = True) -> dict:
     """Dense training, then direct vs ADMM compression at ``ratio`` over the conv targets; prints one
@@ -228,7 +228,7 @@ def run_demo(ratio: float = 8.0, format: str = "tt", epochs: int = 4, admm_epoch
     train(dense, train_loader, epochs, desc="dense", progress=progress)
     dense_s = time.perf_counter() - t0
     acc_dense = evaluate(dense, test_loader)
-    cfg = TNConfig(format=format, compression_ratio=ratio)
+    cfg = TNConfig(format=format, compression_ratio=ratio, allocation="uniform")
     res = compare(dense, train_loader, test_loader, cfg, admm_epochs=admm_epochs, finetune_epochs=finetune_epochs,
                   rho=1e-3, rho_schedule={"type": "step", "factor": 10.0,
                                           "milestones": _milestones(admm_epochs * len(train_loader))},

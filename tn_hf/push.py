@@ -7,12 +7,15 @@ from pathlib import Path
 
 def _hub_error(e: Exception, repo_id: str, endpoint: str | None) -> Exception:
     """Turn huggingface_hub / network errors into one clear error naming the repo and the fix."""
-    import httpx2
     from huggingface_hub import constants
     from huggingface_hub.errors import HfHubHTTPError
 
     where = endpoint or constants.ENDPOINT
-    if isinstance(e, (httpx2.ConnectError, httpx2.TimeoutException, ConnectionError)):
+    try:  # huggingface_hub 2.x ships httpx2; older ones use httpx
+        import httpx2 as httpx
+    except ModuleNotFoundError:
+        import httpx
+    if isinstance(e, (httpx.ConnectError, httpx.TimeoutException, ConnectionError)):
         return ConnectionError(f"push_to_hub: cannot reach the Hub at {where} to push {repo_id!r}: {e}")
     if isinstance(e, HfHubHTTPError) and e.response is not None:
         code = e.response.status_code
