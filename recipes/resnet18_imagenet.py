@@ -14,7 +14,9 @@ Data: --data-dir DIR (ImageFolder with train/ and val/), --dataset NAME (a Huggi
 `datasets` name such as "imagenet-1k"; needs `pip install datasets`), or --dataset mnist-5k
 (offline, real MNIST digits as 3-channel images at --image-size) for smoke runs.
 
-Examples:
+Examples (two CPU processes with gloo on accelerate 1.15:
+  ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 recipes/X.py ...;
+  `launch --cpu --num_processes 2` starts a single process there):
   accelerate launch recipes/resnet18_imagenet.py --data-dir /data/imagenet --pretrained
   python recipes/resnet18_imagenet.py --dataset mnist-5k --image-size 32 --max-steps 3 --output-dir /tmp/r18
 """

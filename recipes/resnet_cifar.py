@@ -13,7 +13,9 @@ Data: --dataset cifar10 | cifar100 with --data-dir pointing at an existing torch
 folder (containing cifar-10-batches-py / cifar-100-python; nothing is downloaded), or
 --dataset mnist-5k (offline, real MNIST digits as 3-channel 32x32 images) for smoke runs.
 
-Examples:
+Examples (two CPU processes with gloo on accelerate 1.15:
+  ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 recipes/X.py ...;
+  `launch --cpu --num_processes 2` starts a single process there):
   accelerate launch recipes/resnet_cifar.py --depth 20 --dataset cifar100 --data-dir /data/cifar
   python recipes/resnet_cifar.py --dataset mnist-5k --depth 20 --max-steps 3 --output-dir /tmp/r20
 """

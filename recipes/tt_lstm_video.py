@@ -19,7 +19,9 @@ Defaults (ours for this small setting; the paper's UCF11 runs use much larger ra
 TT format, 8x parameter compression of the LSTM input-to-hidden weights, rho=1e-3, ADMM 20
 epochs, fine-tune 10 epochs, Adam-free SGD as in the other recipes.
 
-Examples:
+Examples (two CPU processes with gloo on accelerate 1.15:
+  ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 recipes/X.py ...;
+  `launch --cpu --num_processes 2` starts a single process there):
   python recipes/tt_lstm_video.py --max-steps 3 --output-dir /tmp/ttlstm
   accelerate launch recipes/tt_lstm_video.py --dataset basic-motions
 """
