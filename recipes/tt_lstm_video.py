@@ -53,7 +53,7 @@ class LSTMVideoClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
-C.register_timm_model("lstm_video_classifier", LSTMVideoClassifier)
+C.register_timm_model("lstm_video_classifier", LSTMVideoClassifier, input_size=(1, 8, 784), classifier="head")
 
 
 def moving_mnist(args):

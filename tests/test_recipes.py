@@ -79,7 +79,7 @@ def test_mnist_clips_are_real_digits_moving():
 
 def test_resnet_cifar_smoke_and_resume(tmp_path):
     out = tmp_path / "r20"
-    args = ["--dataset", "mnist-5k", "--depth", "20", "--max-steps", "2", "--batch-size", "16",
+    args = ["--dataset", "mnist-5k", "--depth", "20", "--max-steps", "2", "--batch-size", "8",
             "--update-every", "1", "--output-dir", str(out)]
     _recipe("resnet_cifar").main(args)
     m = _check_metrics(out)
@@ -92,7 +92,8 @@ def test_resnet_cifar_smoke_and_resume(tmp_path):
     _check_reload(out / "model", x)
     # resume the ADMM phase from its accelerator.save_state folder: one more step to reach 3
     out2 = tmp_path / "r20b"
-    _recipe("resnet_cifar").main(args[:-1] + [str(out2)] + ["--max-steps", "3", "--resume", str(ckpt)])
+    _recipe("resnet_cifar").main(args[:-1] + [str(out2)] + ["--max-steps", "3", "--resume", str(ckpt),
+                                                            "--finetune-epochs", "0"])
     assert json.loads((out2 / "checkpoints" / "admm" / "progress.json").read_text())["step"] == 3
     _check_metrics(out2)
 

@@ -87,14 +87,16 @@ def test_callback_trains_logs_saves_resumes_and_compresses(tmp_path):
     assert cb2.report.rows[0]["name"] == "mid"
 
 
-def test_callback_epoch_updates_and_bf16(tmp_path):
+def test_callback_epoch_updates_bf16_eval_and_best_model(tmp_path):
     cb = tn_hf.ADMMTTCallback(CFG, rho=0.05)  # update_every="epoch"
     torch.manual_seed(0)
     args = TrainingArguments(output_dir=str(tmp_path / "e"), per_device_train_batch_size=8, num_train_epochs=2,
-                             use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="no",
-                             bf16=True, eval_strategy="epoch", logging_steps=3)
+                             use_cpu=True, report_to=[], disable_tqdm=True, save_strategy="epoch",
+                             bf16=True, eval_strategy="epoch", logging_steps=3, load_best_model_at_end=True)
     tr = Trainer(model=Tiny(), args=args, train_dataset=DS(), eval_dataset=DS(16), callbacks=[cb])
     tr.train()
     assert cb.sched.updates == 2 and cb.sched.steps == 12
     assert any("eval_loss" in h for h in tr.state.log_history)
+    assert tr.state.best_model_checkpoint is not None  # best model loaded first, then compressed
+    assert (tmp_path / "e" / "checkpoint-12" / "admm_state.safetensors").is_file()
     assert isinstance(tr.model.mid, tn_hf.layers.TTLinear)

@@ -78,15 +78,19 @@ class SmallCNN(nn.Module):
 
 # ----------------------------------------------------------------------------- train / eval
 def train(model, loader, epochs: int, sched=None, *, lr: float = 2e-3, desc: str = "train",
-          progress: bool = True) -> float:
-    """Adam + cosine LR. With an ADMMScheduler: proximal gradient before every step, Z/U on schedule.
+          progress: bool = True, cosine: bool | None = None) -> float:
+    """Adam + cosine LR (constant LR under ADMM unless cosine=True: a vanishing LR would stop W
+    from following Z when rho is largest). With an ADMMScheduler: proximal gradient before every step, Z/U on schedule.
     Returns the seconds spent in ADMM Z/U updates."""
     from tqdm.auto import tqdm
     if epochs <= 0:
         return 0.0
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     total = epochs * len(loader)
-    lrs = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
+    if cosine is None:
+        cosine = sched is None
+    lrs = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if cosine else \
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     t_admm = sched.update_seconds if sched is not None else 0.0
     model.train()
     with tqdm(total=total, desc=desc, disable=not progress, leave=False) as bar:
@@ -181,7 +185,7 @@ def n_params(model) -> int:
 
 # ----------------------------------------------------------------------------- experiment
 def compare(dense, train_loader, test_loader, config: TNConfig, *, admm_epochs: int, finetune_epochs: int,
-            rho: float = 1e-3, rho_schedule=None, update_every=30, progress: bool = True,
+            rho: float = 1e-2, rho_schedule=None, update_every=10, progress: bool = True,
             lr: float = 1e-3) -> dict:
     """(a) direct decomposition + (admm_epochs + finetune_epochs) fine-tuning vs (b) ADMM for
     admm_epochs + decomposition + finetune_epochs fine-tuning, both from the trained ``dense``."""
@@ -230,9 +234,9 @@ def run_demo(ratio: float = 8.0, format: str = "tt", epochs: int = 3, admm_epoch
     acc_dense = evaluate(dense, test_loader)
     cfg = TNConfig(format=format, compression_ratio=ratio, allocation="uniform")
     res = compare(dense, train_loader, test_loader, cfg, admm_epochs=admm_epochs, finetune_epochs=finetune_epochs,
-                  rho=1e-3, rho_schedule={"type": "step", "factor": 10.0,
+                  rho=1e-2, rho_schedule={"type": "step", "factor": 10.0,
                                           "milestones": _milestones(admm_epochs * len(train_loader))},
-                  update_every=30, progress=progress)
+                  update_every=10, progress=progress)
     rows = []
     for label, m, a0, a1 in (("dense", dense, None, acc_dense),
                              ("direct TT" if format == "tt" else "direct TR", res["direct"]["model"],
@@ -252,7 +256,7 @@ def run_demo(ratio: float = 8.0, format: str = "tt", epochs: int = 3, admm_epoch
 
 
 def _milestones(total_steps: int) -> list[int]:
-    """rho x10 at 25%, 50%, 75% of the ADMM steps: 1e-3 -> 1."""
+    """rho x10 at 25%, 50%, 75% of the ADMM steps (1e-2 -> 10)."""
     return [max(1, int(total_steps * f)) for f in (0.25, 0.5, 0.75)]
 
 
