@@ -433,14 +433,14 @@ def run_pipeline(args, model, train_ds, test_ds, cfg, *, recipe, base_model=None
     accelerator.free_memory()
 
     # ---- ADMM-regularised training (dense structure, weights pulled to low TT/TR rank)
-    if args.resume:  # the ranks are planned from the weights: plan them from the checkpoint's
-        from safetensors.torch import load_file
-        weights = Path(args.resume) / "model.safetensors"
-        if not weights.is_file():
-            raise SystemExit(f"--resume {args.resume}: no model.safetensors (not an accelerator.save_state folder)")
-        model.load_state_dict(load_file(str(weights)))
+    admm_cfg = cfg
+    if args.resume:  # ranks are planned from the weights: reuse the ranks the interrupted run planned
+        progress = Path(args.resume) / "progress.json"
+        if not progress.is_file():
+            raise SystemExit(f"--resume {args.resume}: no progress.json (not a checkpoint of this recipe)")
+        admm_cfg = tn_hf.TNConfig.from_dict(json.loads(progress.read_text())["admm_config"])
     prep_model, opt, tl = accelerator.prepare(model, _sgd(model, args.lr, args), train_loader)
-    sched = tn_hf.ADMMScheduler(accelerator.unwrap_model(prep_model), cfg, rho=args.rho,
+    sched = tn_hf.ADMMScheduler(accelerator.unwrap_model(prep_model), admm_cfg, rho=args.rho,
                                 update_every=update_every)
     accelerator.register_for_checkpointing(sched)
     n = _steps(args.admm_epochs, len(tl), args)
@@ -454,7 +454,8 @@ def run_pipeline(args, model, train_ds, test_ds, cfg, *, recipe, base_model=None
     def save_state(step):
         accelerator.save_state(str(ckpt_dir))
         if accelerator.is_main_process:
-            write_json(ckpt_dir / "progress.json", {"phase": "admm", "step": step, "of": n})
+            write_json(ckpt_dir / "progress.json", {"phase": "admm", "step": step, "of": n,
+                                                    "admm_config": sched.compress_config().to_dict()})
         accelerator.wait_for_everyone()
 
     on_step = (lambda s: s % args.save_every == 0 and s < n and save_state(s)) if args.save_every else None

@@ -97,8 +97,9 @@ def _clip_tt(shape, r):
     return r
 
 
-def _ladder(t: Tensor, weight: float, levels: int = 48):
-    """[(cost, est. squared error, ranks, unfolding tails)] for relative tolerances from 1 down to 0."""
+def _ladder(t: Tensor, weight: float, floor: list[int], levels: int = 48):
+    """[(cost, est. squared error, ranks, unfolding tails)] for relative tolerances from 1 down to 0,
+    every rank list raised to at least ``floor``."""
     shape = [int(s) for s in t.shape]
     d = len(shape)
     energy = (float(t.to(torch.float64).pow(2).sum()) or 1.0) / t.numel()
@@ -108,17 +109,22 @@ def _ladder(t: Tensor, weight: float, levels: int = 48):
         tail = torch.flip(torch.cumsum(torch.flip(spec, [0]), 0), [0])
         tails.append(torch.cat([tail, tail.new_zeros(1)]))  # tail[r] = error at rank r
     total = float(tails[0][0])
-    ones = [1] * (d + 1)
-    out = [(tn_params(shape, ones) * weight, sum(float(tl[1]) for tl in tails), ones, tails)]
-    for tau in [*torch.logspace(0, -4, levels).tolist(), 0.0]:
-        per_bond = tau * tau * total / max(d - 1, 1)
-        r = [1] + [max(1, int(torch.nonzero(tl <= per_bond * (1 + 1e-9)).flatten()[0])) for tl in tails] + [1]
-        r = _clip_tt(shape, r)
+    out = []
+    for tau in [None, *torch.logspace(0, -4, levels).tolist(), 0.0]:
+        if tau is None:
+            r = list(floor)
+        else:
+            per_bond = tau * tau * total / max(d - 1, 1)
+            r = [1] + [max(1, int(torch.nonzero(tl <= per_bond * (1 + 1e-9)).flatten()[0])) for tl in tails] + [1]
+            r = _clip_tt(shape, [max(a, b) for a, b in zip(r, floor)])
         err = sum(float(tl[min(r[k + 1], tl.numel() - 1)]) for k, tl in enumerate(tails))
         entry = (tn_params(shape, r) * weight, err, r, tails)
         if not out or entry[2] != out[-1][2]:
             out.append(entry)
     return out
+
+
+FLOOR_FACTOR = 4.0
 
 
 def allocation_summary(tensors: dict[str, Tensor], ranks: dict[str, list[int]], *, budget="params",
@@ -138,7 +144,8 @@ def allocate_ranks(tensors: dict[str, Tensor], *, format: str = "tt", compressio
     Cost is params, or params weighted by ``flops_per_param[name]`` with ``budget="flops"``.
 
     ``allocation="uniform"``: every tensor at the ratio on its own (largest single int rank).
-    ``allocation="global"`` (TT): greedy from rank 1 everywhere; repeatedly raise the bond whose
+    ``allocation="global"`` (TT): greedy from a floor (each tensor at ``FLOOR_FACTOR`` x the target
+    ratio on its own); repeatedly raise the bond whose
     next singular value (squared, of that unfolding, relative to the tensor's mean energy per
     element) removes the
     most approximation error per added cost, while the total stays within budget.
@@ -157,7 +164,10 @@ def allocate_ranks(tensors: dict[str, Tensor], *, format: str = "tt", compressio
     # per tensor: a ladder of rank lists from a grid of TT-SVD tolerances (equal split over
     # bonds, as tt_svd(rel_error=) does), each with its cost and estimated squared error
     # (sum of discarded unfolding energies, relative to the mean energy per element)
-    ladders = {n: _ladder(tensors[n].detach(), w[n]) for n in names}
+    # floor: no tensor is compressed more than FLOOR_FACTOR x the target ratio (a layer at rank 1
+    # everywhere destroys accuracy however well the rest is kept)
+    floors = {n: ranks_for_ratio(shapes[n], compression_ratio * FLOOR_FACTOR, "tt") for n in names}
+    ladders = {n: _ladder(tensors[n].detach(), w[n], floors[n]) for n in names}
     level = {n: 0 for n in names}
     cost = sum(ladders[n][0][0] for n in names)
     heap = []
