@@ -123,19 +123,20 @@ def test_inspect_dense_folder_is_user_error(tmp_path, capsys):
     assert "not a tn_hf checkpoint" in _err_line(capsys)
 
 
-def test_demo_forwards_options(monkeypatch, capsys):
+def test_demo_forwards_options(monkeypatch, tmp_path):
     calls = []
     fake = types.ModuleType("tn_hf.demo")
 
-    def run_demo(*, quick=False, ratio=None, format="tt", out=None):
-        calls.append(dict(quick=quick, ratio=ratio, format=format, out=out))
+    def run_demo(*, quick=False, ratio=8.0, format="tt", out_dir="outputs/demo"):
+        calls.append(dict(quick=quick, ratio=ratio, format=format, out_dir=out_dir))
         return {"accuracy": 0.9}
 
     fake.run_demo = run_demo
     monkeypatch.setitem(sys.modules, "tn_hf.demo", fake)
-    assert main(["demo", "--quick", "--ratio", "5", "--format", "tr", "--out", "d"]) == 0
-    assert calls == [dict(quick=True, ratio=5.0, format="tr", out="d")]
-    assert json.loads(capsys.readouterr().out) == {"accuracy": 0.9}
+    out = tmp_path / "d"
+    assert main(["demo", "--quick", "--ratio", "5", "--format", "tr", "--out", str(out)]) == 0
+    assert calls == [dict(quick=True, ratio=5.0, format="tr", out_dir=str(out))]
+    assert json.loads((out / "demo_results.json").read_text()) == {"accuracy": 0.9}
 
 
 def test_help_on_every_command(capsys):

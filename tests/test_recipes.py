@@ -109,7 +109,6 @@ def test_tt_lstm_video_smoke(tmp_path):
 
 
 def test_trainer_videomae_smoke(tmp_path):
-    pytest.importorskip("tn_hf.integrations.trainer", reason="tn_hf.ADMMTTCallback not written yet")
     from transformers import AutoModelForVideoClassification
     out = tmp_path / "vmae"
     _recipe("trainer_videomae").main(["--max-steps", "2", "--max-train-clips", "64", "--max-eval-clips", "32",

@@ -6,7 +6,6 @@ and exit status 2 (1 for network/permission failures), never a traceback.
 from __future__ import annotations
 
 import argparse
-import inspect as _inspect
 import json
 import struct
 import sys
@@ -263,13 +262,16 @@ def cmd_demo(args) -> int:
         if e.name == f"{__package__}.demo":
             raise UserError("the demo module (tn_hf.demo) is not available in this installation") from None
         raise
-    wanted = {"quick": args.quick, "ratio": args.ratio, "compression_ratio": args.ratio,
-              "format": args.format, "out": args.out, "out_dir": args.out}
-    params = _inspect.signature(run_demo).parameters
-    kwargs = {k: v for k, v in wanted.items() if k in params and v is not None}
+    kwargs = {"quick": args.quick, "format": args.format}
+    if args.ratio is not None:
+        kwargs["ratio"] = args.ratio
+    if args.out is not None:
+        kwargs["out_dir"] = args.out
     result = run_demo(**kwargs)
-    if result is not None:
-        print(json.dumps(result, indent=2, default=str) if isinstance(result, dict) else result)
+    out = Path(kwargs.get("out_dir", "outputs/demo"))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_results.json").write_text(json.dumps(result, indent=2, default=str), encoding="utf-8")
+    print(f"results written to {out / 'demo_results.json'}")
     return 0
 
 
@@ -310,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small CNN, compress it with ADMM-TT and report accuracy/size.")
     d.add_argument("--quick", action="store_true", help="a fast, small run")
     d.add_argument("--ratio", type=_ratio, default=None, help="compression ratio (> 1)")
-    d.add_argument("--format", choices=("tt", "tr"), default=None)
+    d.add_argument("--format", choices=("tt", "tr"), default="tt")
     d.add_argument("--out", default=None, help="output folder")
     d.set_defaults(func=cmd_demo)
     return p
