@@ -117,6 +117,8 @@ def _fmt_ranks(r) -> str:
         return "-"
     if isinstance(r, dict):
         return "; ".join(f"{k}: {_fmt_ranks(v)}" for k, v in r.items())
+    if isinstance(r, int):
+        return str(r)
     return "-".join(str(x) for x in r)
 
 

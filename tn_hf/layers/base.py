@@ -185,6 +185,14 @@ class TNLayer(nn.Module):
         return cls.__name__
 
     # --------------------------------------------------------------- accounting
+    def _filled(self, dense: nn.Module) -> nn.Module:
+        """``dense`` (a fresh plain module of the right shape) with this layer's rebuilt weight and bias."""
+        with torch.no_grad():
+            dense.weight.copy_(self.weight)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense
+
     def params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

@@ -222,11 +222,7 @@ class _TNConv(TNLayer):
         m = _DENSE[self.dim](self.in_channels, self.out_channels, self.kernel_size, self.stride,
                              s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"]), self.dilation,
                              1, self.bias is not None, self.padding_mode, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            m.weight.copy_(w)
-            if self.bias is not None:
-                m.bias.copy_(self.bias)
-        return m
+        return self._filled(m)
 
     def dense_params(self) -> int:
         return self.out_channels * self.in_channels * _prod(self.kernel_size) + \

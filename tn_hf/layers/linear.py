@@ -156,12 +156,8 @@ class _TNLinear(TNLayer):
     # -------------------------------------------------------------------- helpers
     def to_dense(self) -> nn.Linear:
         w = self.weight.detach()
-        m = nn.Linear(self.in_features, self.out_features, self.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            m.weight.copy_(w)
-            if self.bias is not None:
-                m.bias.copy_(self.bias)
-        return m
+        return self._filled(nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                                      device=w.device, dtype=w.dtype))
 
     def dense_params(self) -> int:
         return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
