@@ -101,10 +101,10 @@ def _keep_rank(eig_desc: Tensor, rank: int | None, tol_sq: float | None) -> int:
     return max(k, 1)
 
 
-def _gram_eig(A: Tensor) -> tuple[Tensor, Tensor]:
-    """Eigen-pairs of A @ A.T in float64, descending."""
-    A64 = A.to(torch.float64)
-    w, V = torch.linalg.eigh(A64 @ A64.T)
+def _gram_eig(A: Tensor, gram_dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
+    """Eigen-pairs of A @ A.T (the product in ``gram_dtype``, eigh in float64), descending."""
+    Ag = A.to(gram_dtype)
+    w, V = torch.linalg.eigh((Ag @ Ag.T).to(torch.float64))
     return torch.flip(w, [0]), torch.flip(V, [1])
 
 
@@ -118,14 +118,17 @@ def truncated_factor(A: Tensor, rank: int | None = None, tol_sq: float | None = 
     m, n = A.shape
     if rank is not None and tol_sq is None and min(m, n) >= _RANDOMIZED_MIN_SIDE and 4 * rank < min(m, n):
         return _randomized_factor(A, rank)
+    # fixed rank (projection): the Gram product in the input's precision is enough to find the
+    # leading subspace and halves the cost; an error tolerance needs the small eigenvalues exactly
+    gd = A.dtype if tol_sq is None else torch.float64
     if m <= n:
-        w, U = _gram_eig(A)
+        w, U = _gram_eig(A, gd)
         k = _keep_rank(w, rank, tol_sq)
         L = U[:, :k].to(A.dtype)
     else:
-        w, V = _gram_eig(A.T)
+        w, V = _gram_eig(A.T, gd)
         k = _keep_rank(w, rank, tol_sq)
-        L = torch.linalg.qr((A.to(torch.float64) @ V[:, :k])).Q.to(A.dtype)
+        L = torch.linalg.qr((A.to(gd) @ V[:, :k].to(gd))).Q.to(A.dtype)
     return L, L.T @ A
 
 
