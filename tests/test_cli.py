@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import tn_hf
-from tn_hf.cli import main, safetensors_header
+from tn_hf.cli import main
+from tn_hf.report import CompressionReport
+from tn_hf.serialization import read_header
 
 TARGETS = ["layer3.0.conv2", "layer4.0.conv2"]
 
@@ -48,16 +50,18 @@ def test_inspect_folder_matches_model(compressed_dir, capsys):
     assert main(["inspect", str(compressed_dir)]) == 0
     text = capsys.readouterr().out
     model = tn_hf.from_pretrained(compressed_dir)
-    header = safetensors_header(compressed_dir / "model.safetensors")
-    assert sum(1 for _ in header) == len(model.state_dict())
+    header = read_header(compressed_dir / "model.safetensors")
+    assert len(header) == len(model.state_dict())
+    fmt = CompressionReport.fmt
     for name in TARGETS:
         layer = model.get_submodule(name)
         line = next(ln for ln in text.splitlines() if ln.startswith(name + " "))
-        assert str(sum(p.numel() for p in layer.parameters())) in line.split()
-        assert str(layer.dense_params()) in line.split()
+        assert fmt(sum(p.numel() for p in layer.parameters())) in line.split()
+        assert fmt(layer.dense_params()) in line.split()
         assert "-".join(map(str, layer.ranks)) in line
     total = sum(v.numel() for v in model.state_dict().values())
-    assert f"-> {total:,}" in text.splitlines()[-1]
+    total_line = next(ln for ln in text.splitlines() if ln.startswith("TOTAL (model)"))
+    assert fmt(total) in total_line.split() and "asked 4x" in total_line
 
 
 def test_push_then_inspect_repo(compressed_dir, hub, capsys):
@@ -160,9 +164,9 @@ def test_inspect_transformers_checkpoint(tmp_path, capsys):
     tn_hf.compress(model, tn_hf.TNConfig(ranks=4, min_params=1000, target_modules=r".*mlp\..*"), progress=False)
     tn_hf.save_pretrained(model, tmp_path / "ckpt")
     info = inspect_checkpoint(str(tmp_path / "ckpt"))
-    assert {r["name"] for r in info["rows"]} == set(model.tn_hf_specs) and info["rows"]
-    for r in info["rows"]:
+    assert {r["name"] for r in info.rows} == set(model.tn_hf_specs) and info.rows
+    for r in info.rows:
         layer = model.get_submodule(r["name"])
         assert r["tn_params"] == sum(p.numel() for p in layer.parameters())
         assert r["dense_params"] == layer.dense_params() and r["ranks"] == layer.ranks
-    assert info["totals"]["model_params_tn"] == sum(v.numel() for v in model.state_dict().values())
+    assert info.totals["model_params_tn"] == sum(v.numel() for v in model.state_dict().values())

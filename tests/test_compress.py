@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import tn_hf
-from tn_hf.compress import plan
+from tn_hf.targeting import plan
 from tn_hf.layers.base import TNLayer
 
 

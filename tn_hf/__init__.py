@@ -1,19 +1,20 @@
 """tn_hf: Tensor-Train / Tensor-Ring compression for Hugging Face and timm models.
 
-Importing tn_hf registers the transformers quantization-config plugin and the timm
-loader hook, so that the ecosystems' own ``from_pretrained`` rebuild TN layers.
+Importing tn_hf is cheap: the public names below load on first use, and the transformers and
+timm integrations install themselves when those libraries are imported (see
+``tn_hf.integrations``), so that the ecosystems' own ``from_pretrained`` rebuild TN layers.
 """
 from importlib import import_module
 
+from ._version import __version__
 from .config import TNConfig
-# Eager: the submodule `tn_hf.compress` shares its name with the function; binding the function
-# here, after the submodule is imported, keeps `tn_hf.compress(model, cfg)` the function.
-from .compress import CompressionReport, compress, decompress
+from .integrations import install_hooks
 
-__version__ = "0.1.0"
-
-# public name -> module that defines it (imported lazily, so `import tn_hf` stays light)
+# public name -> module that defines it (imported on first use)
 _EXPORTS = {
+    "compress": ".convert",
+    "decompress": ".convert",
+    "CompressionReport": ".report",
     "ADMMScheduler": ".admm",
     "ADMMTTCallback": ".integrations.trainer",
     "save_pretrained": ".hub",
@@ -21,7 +22,7 @@ _EXPORTS = {
     "push_to_hub": ".push",
 }
 
-__all__ = ["TNConfig", "compress", "decompress", "CompressionReport", *_EXPORTS]
+__all__ = ["TNConfig", "__version__", *_EXPORTS]
 
 
 def __getattr__(name):
@@ -32,15 +33,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'tn_hf' has no attribute {name!r}")
 
 
-def _install_hooks():
-    # Ecosystem hooks must be active as soon as `import tn_hf` returns.
-    for mod in (".integrations.transformers", ".integrations.timm"):
-        try:
-            import_module(mod, __name__).install()
-        except ModuleNotFoundError as e:  # module not written yet / optional ecosystem missing
-            if e.name and (e.name.startswith("tn_hf") or e.name in ("transformers", "timm")):
-                continue
-            raise
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
 
 
-_install_hooks()
+install_hooks()

@@ -14,7 +14,7 @@ Scaled augmented Lagrangian, per target ``l``::
 
 * U-step: ``U += W - Z``.
 
-The targets and their ranks come from ``tn_hf.compress.plan(model, config)``, so the final
+The targets and their ranks come from ``tn_hf.targeting.plan(model, config)``, so the final
 ``compress`` decomposes at exactly the ranks ADMM trained for (``ADMMScheduler.compress``
 pins them). Under DDP rank 0 computes Z and U and broadcasts them: every rank holds the same
 state. ``state_dict()`` / ``load_state_dict()`` make it a checkpointable object for
@@ -104,7 +104,7 @@ class ADMMScheduler:
 
     def __init__(self, model: nn.Module, config, *, rho: float = 1e-3, update_every=100,
                  rho_schedule=None, steps_per_epoch: int | None = None, progress: bool = False):
-        from .compress import _as_config, plan
+        from .targeting import as_config as _as_config, plan
         config = _as_config(config)
         if config.rel_error is not None:
             raise ValueError("ADMMScheduler: TNConfig(rel_error=...) does not fix the ranks; ADMM needs "
@@ -339,7 +339,7 @@ class ADMMScheduler:
 
     def compress(self, model: nn.Module | None = None, *, progress: bool = True):
         """Decompose the targets in place at the ADMM ranks (tn_hf.compress); returns its report."""
-        from .compress import compress
+        from .convert import compress
         return compress(_unwrap(model) if model is not None else self.model, self.compress_config(),
                         progress=progress)
 

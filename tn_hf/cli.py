@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import struct
 import sys
 from pathlib import Path
 
@@ -108,56 +107,11 @@ def load_source(source: str, *, pretrained: bool = False):
 
 
 # ----------------------------------------------------------------------------- inspect
-def safetensors_header(path: Path) -> dict:
-    """Tensor name -> {"dtype", "shape"} from a safetensors file's JSON header (no tensor data read)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise UserError(f"{path} is not a safetensors file (too short)")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise UserError(f"{path} is not a safetensors file (header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} has a corrupt safetensors header: {e}") from e
-    header.pop("__metadata__", None)
-    return header
-
-
-def _numel(shape) -> int:
-    p = 1
-    for s in shape:
-        p *= int(s)
-    return p
-
-
-def _specs_of(cfg: dict):
-    if isinstance(cfg.get("tn_hf"), dict):
-        return cfg["tn_hf"].get("specs") or {}, cfg["tn_hf"].get("config") or {}
-    qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") == "tn_hf":
-        return qc.get("specs") or {}, qc.get("tn_config") or qc.get("config") or {}
-    return None, None
-
-
-def _layer_params(spec: dict):
-    """(dense params, TN params, TN class, dense class) of a spec, from an empty layer on the meta device."""
-    try:
-        import torch
-
-        from .layers import layer_from_spec
-        with torch.device("meta"):
-            layer = layer_from_spec(spec)
-        tn = sum(p.numel() for p in layer.parameters())
-        return int(layer.dense_params()), tn, type(layer).__name__, getattr(layer.dense_type, "__name__", "?")
-    except Exception:  # noqa: BLE001 - unknown/future spec: fall back to the safetensors header
-        return None, None, spec.get("class", "?"), "?"
-
-
-def inspect_checkpoint(target: str) -> dict:
-    """Per-layer table and totals of a tn_hf checkpoint (folder or Hub id) from config.json and the
-    safetensors header only. Returns ``{"rows": [...], "totals": {...}}``."""
+def inspect_checkpoint(target: str):
+    """The ``CompressionReport`` of a tn_hf checkpoint (folder or Hub id), from config.json and the
+    safetensors header only (no weights read, no model built)."""
+    from .report import CompressionReport
+    from .serialization import TNMetadata, read_header
     folder = Path(target).expanduser()
     if not folder.is_dir():
         if folder.exists() or not _looks_like_repo(target):
@@ -167,53 +121,14 @@ def inspect_checkpoint(target: str) -> dict:
         if not (folder / name).is_file():
             raise UserError(f"{folder} has no {name} (not a tn_hf checkpoint)")
     cfg = _read_json(folder / "config.json")
-    specs, tn_cfg = _specs_of(cfg)
-    if specs is None:
-        raise UserError(f"{folder / 'config.json'} has no TN spec: not a tn_hf checkpoint")
-    header = safetensors_header(folder / "model.safetensors")
-    sizes = {k: _numel(v["shape"]) for k, v in header.items()}
-    rows = []
-    for name, spec in specs.items():
-        dense, tn, tn_type, dense_type = _layer_params(spec)
-        if tn is None:  # tensors stored under the module's name (timm / plain torch layouts)
-            tn = sum(n for k, n in sizes.items() if k.startswith(name + "."))
-        rows.append({"name": name, "type": dense_type, "tn_type": tn_type, "dense_params": dense,
-                     "tn_params": tn, "ratio": dense / tn if dense and tn else None, "ranks": spec.get("ranks")})
-    total = sum(sizes.values())
-    td = sum(r["dense_params"] or 0 for r in rows)
-    tt = sum(r["tn_params"] for r in rows)
-    dense_model = total - tt + td
-    return {"rows": rows, "totals": {"layers": len(rows), "format": (tn_cfg or {}).get("format"),
-                                     "target_params_dense": td, "target_params_tn": tt,
-                                     "target_ratio": td / max(tt, 1), "model_params_dense": dense_model,
-                                     "model_params_tn": total, "model_ratio": dense_model / max(total, 1)}}
-
-
-def format_table(info: dict) -> str:
-    cols = ("name", "type", "tn_type", "dense_params", "tn_params", "ratio", "ranks")
-
-    def fmt(v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.2f}x"
-        if isinstance(v, list):
-            return "-".join(map(str, v))
-        if isinstance(v, dict):
-            return "; ".join(f"{k}:{fmt(x)}" for k, x in v.items())
-        return str(v)
-
-    table = [list(cols)] + [[fmt(r.get(c)) for c in cols] for r in info["rows"]]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
-    t = info["totals"]
-    lines.insert(1, "-" * len(lines[0]))
-    lines += ["-" * len(lines[0]),
-              f"compressed layers: {t['layers']}  params {t['target_params_dense']:,} -> {t['target_params_tn']:,} "
-              f"({t['target_ratio']:.2f}x)",
-              f"whole model:       stored values (params + buffers) {t['model_params_dense']:,} -> {t['model_params_tn']:,} "
-              f"({t['model_ratio']:.2f}x)"]
-    return "\n".join(lines)
+    block = cfg.get("tn_hf")
+    qc = cfg.get("quantization_config")
+    if block is None and isinstance(qc, dict) and qc.get("quant_method") == "tn_hf":
+        block = qc
+    if block is None:
+        raise UserError(f"{folder / 'config.json'} has no TN metadata: not a tn_hf checkpoint")
+    meta = TNMetadata.from_dict(block, str(folder / "config.json"))
+    return CompressionReport.from_checkpoint(meta.specs, meta.config, read_header(folder / "model.safetensors"))
 
 
 # ----------------------------------------------------------------------------- commands
@@ -241,7 +156,7 @@ def cmd_compress(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    print(format_table(inspect_checkpoint(args.target)))
+    print(inspect_checkpoint(args.target))
     return 0
 
 

@@ -190,7 +190,7 @@ def compare(dense, train_loader, test_loader, config: TNConfig, *, admm_epochs: 
     """(a) direct decomposition + (admm_epochs + finetune_epochs) fine-tuning vs (b) ADMM for
     admm_epochs + decomposition + finetune_epochs fine-tuning, both from the trained ``dense``."""
     from .admm import ADMMScheduler
-    from .compress import compress
+    from .convert import compress
     out = {}
     # (b) ADMM first: its ranks are pinned and reused for (a) so both use identical ranks
     m_b = copy.deepcopy(dense)

@@ -1,146 +1,73 @@
 """save_pretrained / from_pretrained for TN-compressed models (safetensors + JSON only).
 
-Layouts written by ``save_pretrained(model, dir)``:
+Layouts written by ``save_pretrained(model, dir)`` (each with the same ``TNMetadata``, see
+``tn_hf.serialization``):
 
 * transformers: ``model.save_pretrained`` (config.json with ``quantization_config`` =
-  {"quant_method": "tn_hf", "tn_config": ..., "specs": {module: spec}}, model.safetensors).
-  After ``import tn_hf``, ``AutoModelFor*.from_pretrained(dir)`` rebuilds it.
+  {"quant_method": "tn_hf", **metadata}, model.safetensors). After ``import tn_hf``,
+  ``AutoModelFor*.from_pretrained(dir)`` rebuilds it.
 * timm: timm's hub layout (config.json with ``architecture``, ``num_classes``,
-  ``pretrained_cfg``, ``model_args``) plus a ``"tn_hf"`` key {"config", "specs", "version"};
-  model.safetensors. After ``import tn_hf``, ``timm.create_model("local-dir:DIR" or
-  "hf-hub:org/name", pretrained=True)`` rebuilds it.
-* plain torch: config.json {"tn_hf": ..., "model_class": "pkg.module:Class", "model_args": {...}}
-  (constructor kwargs given as ``save_pretrained(..., model_args=...)``); model.safetensors.
+  ``pretrained_cfg``, ``model_args``) plus ``"tn_hf": metadata``; model.safetensors. After
+  ``import tn_hf``, ``timm.create_model("local-dir:DIR" or "hf-hub:org/name", pretrained=True)``.
+* plain torch: config.json {"tn_hf": metadata, "model_class": "pkg.module:Class", "model_args": {...}}
+  and model.safetensors. ``model_class`` is informative: loading needs the class from the caller
+  (``from_pretrained(dir, model_class=Net)``) or the explicit opt-in ``trust_remote_code=True``.
 
-Every save goes through ``atomic_dir``: files are written to a temp dir next to the target and
-renamed into place, so a crash leaves the old checkpoint or the new one, never a mix.
-Loading never needs the dense checkpoint and is strict: missing/unexpected keys raise.
+Saving writes only the checkpoint's own files, crash-safely (``serialization.write_checkpoint``):
+other files in the folder are never touched. Loading is strict and checks the specs and the
+safetensors header before allocating anything.
 """
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
-import os
-import shutil
-import tempfile
-import uuid
+import re
+import types
+import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+from . import serialization as S
+from .cards import write_model_card
+from .convert import apply_specs, is_transformers
+
+CHECKPOINT_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json"]
 
 
-# ----------------------------------------------------------------------------- atomic writes
-@contextlib.contextmanager
-def atomic_dir(final_dir):
-    """Yield a fresh temp dir next to ``final_dir``; on success it replaces ``final_dir``.
-
-    On an exception the temp dir is removed and ``final_dir`` (old checkpoint) is untouched."""
-    final = Path(final_dir).absolute()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
-# ----------------------------------------------------------------------------- helpers
 def _kind(model) -> str:
-    from .compress import _is_transformers
-    if _is_transformers(model):
+    if is_transformers(model):
         return "transformers"
     if isinstance(getattr(model, "pretrained_cfg", None), dict) and model.pretrained_cfg.get("architecture"):
         return "timm"
     return "torch"
 
 
-def tn_metadata(model) -> dict:
-    from . import __version__
-    specs = getattr(model, "tn_hf_specs", None)
-    if not specs:
-        raise ValueError(f"{type(model).__name__} carries no TN spec (model.tn_hf_specs); "
-                         "compress it with tn_hf.compress(model, config) first")
-    return {"config": getattr(model, "tn_hf_config", None), "specs": specs, "version": __version__}
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def write_weights(model: nn.Module, path) -> None:
-    from safetensors.torch import save_model
-    save_model(model, str(path))  # de-duplicates shared tensors
-
-
-def load_weights(model: nn.Module, path) -> None:
-    """Strictly load ``path`` (safetensors) into ``model``; clear errors naming the file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"cannot read weights file {path} (corrupt or truncated safetensors?): {e}") from e
-    expected = model.state_dict()
-    # tensors shared by two modules are saved once (save_model): fill the other names in
-    shared: dict[int, list[str]] = {}
-    for k, v in expected.items():
-        key = (v.data_ptr(), tuple(v.shape)) if not v.is_meta and v.numel() else k
-        shared.setdefault(key, []).append(k)
-    for names in shared.values():
-        have = [n for n in names if n in state]
-        if have:
-            for n in names:
-                state.setdefault(n, state[have[0]])
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"weights file {path} does not match {type(model).__name__} built from config.json: "
-                         f"missing keys {missing[:20]}, unexpected keys {unexpected[:20]}")
-    bad = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-           for k, v in expected.items() if tuple(state[k].shape) != tuple(v.shape)]
-    if bad:
-        raise ValueError(f"weights file {path} does not match the TN specs in config.json (shape mismatch): "
-                         + "; ".join(bad[:10]))
-    model.load_state_dict(state, strict=True)
-
-
-def _card(model, out_dir: Path, report, library_name: str, card_kwargs: dict) -> None:
-    try:
-        cards = importlib.import_module(".cards", __package__)
-    except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.cards":
-            raise
-        return
-    cards.write_model_card(model, out_dir, report=report, library_name=library_name, **card_kwargs)
-
-
 # ----------------------------------------------------------------------------- save
 def save_pretrained(model: nn.Module, save_directory, *, model_args: dict | None = None,
                     report=None, **card_kwargs) -> Path:
-    """Write a TN-compressed model so it reloads with its ecosystem's loader (see module doc)."""
-    meta = tn_metadata(model)
+    """Write a TN-compressed model so that it reloads with its ecosystem's loader (module doc).
+
+    Only the checkpoint's files (config.json, weights, README.md, compression.png,
+    tn_hf_report.json) are written into ``save_directory``; nothing else in it is changed."""
+    meta = S.TNMetadata.from_model(model)
     if report is None:
         report = getattr(model, "tn_hf_report", None)
     kind = _kind(model)
-    out = Path(save_directory)
-    with atomic_dir(out) as tmp:
+    if kind == "torch":
+        cls = type(model)
+        if model_args is None:
+            model_args = getattr(model, "tn_hf_model_args", None)
+        try:
+            json.dumps(model_args)
+        except TypeError as e:
+            raise ValueError(f"save_pretrained: model_args must be JSON-serialisable: {e}") from e
+        if cls.__module__ == "__main__":
+            warnings.warn(f"save_pretrained: {cls.__qualname__} is defined in __main__; loading needs the "
+                          f"class: tn_hf.from_pretrained(dir, model_class={cls.__qualname__})", stacklevel=2)
+
+    def render(tmp: Path) -> None:
         if kind == "transformers":
             from .integrations.transformers import attach_quantization_config
             attach_quantization_config(model)
@@ -148,104 +75,161 @@ def save_pretrained(model: nn.Module, save_directory, *, model_args: dict | None
             library = "transformers"
         elif kind == "timm":
             from timm.models._hub import save_config_for_hf
-            save_config_for_hf(model, str(tmp / CONFIG_NAME), model_args=model_args)
-            cfg = json.loads((tmp / CONFIG_NAME).read_text())
-            cfg["tn_hf"] = meta
-            _write_json(tmp / CONFIG_NAME, cfg)
-            write_weights(model, tmp / WEIGHTS_NAME)
+            save_config_for_hf(model, str(tmp / S.CONFIG_NAME), model_args=model_args)
+            cfg = json.loads((tmp / S.CONFIG_NAME).read_text())
+            cfg["tn_hf"] = meta.to_dict()
+            S.write_json(tmp / S.CONFIG_NAME, cfg)
+            S.write_weights(model, tmp / S.WEIGHTS_NAME)
             library = "timm"
         else:
-            cls = type(model)
-            if model_args is None:
-                model_args = getattr(model, "tn_hf_model_args", None)
-            try:
-                json.dumps(model_args)
-            except TypeError as e:
-                raise ValueError(f"save_pretrained: model_args must be JSON-serialisable: {e}") from e
-            _write_json(tmp / CONFIG_NAME, {"tn_hf": meta, "model_class": f"{cls.__module__}:{cls.__qualname__}",
-                                            "model_args": model_args or {}})
-            write_weights(model, tmp / WEIGHTS_NAME)
+            S.write_json(tmp / S.CONFIG_NAME, {"tn_hf": meta.to_dict(), "model_args": model_args or {},
+                                               "model_class": f"{cls.__module__}:{cls.__qualname__}"})
+            S.write_weights(model, tmp / S.WEIGHTS_NAME)
             library = "pytorch"
-        _card(model, tmp, report, library, card_kwargs)
+        write_model_card(model, tmp, report=report, library_name=library, **card_kwargs)
+
+    out = Path(save_directory)
+    S.write_checkpoint(out, render)
     return out
 
 
-# ----------------------------------------------------------------------------- load
-def _local_dir(path_or_repo, revision=None) -> Path:
-    p = Path(path_or_repo)
+# ----------------------------------------------------------------------------- resolve
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def is_repo_id(text: str) -> bool:
+    """'name' or 'org/name' as the Hub accepts them (no '..', '--', leading '.', '/', '~')."""
+    return bool(_REPO_ID.match(text)) and ".." not in text and "--" not in text and not text.endswith((".", "-"))
+
+
+def resolve(path_or_repo, revision: str | None = None) -> Path:
+    """A local checkpoint folder, or a Hub repo id fetched (checkpoint files only) into the cache.
+
+    A path that does not exist is only read as a repo id when it is a valid one; errors name both
+    readings."""
+    text = str(path_or_repo)
+    p = Path(text).expanduser()
     if p.is_dir():
         return p
-    if p.exists() or str(path_or_repo).startswith((".", "/")):
-        raise FileNotFoundError(f"from_pretrained: {path_or_repo} is not a checkpoint directory")
+    if p.exists():
+        raise NotADirectoryError(f"from_pretrained: {text} is a file, not a checkpoint folder")
+    local = f"no local folder {str(p.absolute())!r}"
+    if not is_repo_id(text):
+        raise FileNotFoundError(f"from_pretrained: {text!r} is neither a local folder ({local}) nor a valid "
+                                "Hub repo id ('name' or 'org/name')")
     from huggingface_hub import snapshot_download
-    return Path(snapshot_download(repo_id=str(path_or_repo), revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors", "README.md"]))
-
-
-def read_config(directory) -> dict:
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise FileNotFoundError(f"from_pretrained: {text!r} is neither a local folder ({local}) nor a Hub "
+                                f"repo that exists: {type(e).__name__}") from e
+    except (HfHubHTTPError, OSError) as e:
+        raise FileNotFoundError(f"from_pretrained: {text!r}: {local}, and the Hub repo of that name could "
+                                f"not be fetched: {e}") from e
 
 
-def from_pretrained(path_or_repo, *, revision: str | None = None, **kwargs) -> nn.Module:
-    """Load a checkpoint written by ``save_pretrained`` (dir or hub repo id), strictly."""
-    local = _local_dir(path_or_repo, revision)
-    cfg = read_config(local)
+def read_checkpoint_config(folder: Path) -> dict:
+    S.recover(folder)  # finish a save that was interrupted after its commit point
+    return S.read_json(folder / S.CONFIG_NAME)
+
+
+# ----------------------------------------------------------------------------- load
+def from_pretrained(path_or_repo, *, model_class: type | None = None, trust_remote_code: bool = False,
+                    revision: str | None = None, **kwargs) -> nn.Module:
+    """Load a checkpoint written by ``save_pretrained`` (folder or Hub repo id), strictly.
+
+    Args:
+        path_or_repo: a local folder or a Hub repo id.
+        model_class: the ``nn.Module`` class to build (plain-torch checkpoints need it, or
+            ``trust_remote_code``); for transformers checkpoints a ``PreTrainedModel`` class.
+        trust_remote_code: import the class a plain-torch checkpoint names in config.json.
+        revision: Hub revision.
+        kwargs: passed to the model's constructor / loader.
+    """
+    local = resolve(path_or_repo, revision)
+    cfg = read_checkpoint_config(local)
+    where = local / S.CONFIG_NAME
     qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") == "tn_hf":
-        import transformers
-        archs = cfg.get("architectures") or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        if cls is None:
-            raise ValueError(f"{local / CONFIG_NAME}: cannot find the transformers class {archs} "
-                             "(config.json 'architectures')")
-        return cls.from_pretrained(str(local), **kwargs)
+    if isinstance(qc, dict) and qc.get("quant_method") == "tn_hf":
+        return _load_transformers(local, cfg, model_class, kwargs)
     if "tn_hf" not in cfg:
-        raise ValueError(f"{local / CONFIG_NAME} has no TN spec ('tn_hf' key or quantization_config with "
-                         "quant_method 'tn_hf'): not a tn_hf checkpoint")
+        raise S.CheckpointError(f"{where} has no TN metadata ('tn_hf' key or quantization_config with "
+                                "quant_method 'tn_hf'): not a tn_hf checkpoint")
     if "architecture" in cfg:
         import timm
         return timm.create_model(f"local-dir:{local}", pretrained=True, **kwargs)
-    return _load_torch(local, cfg, kwargs)
+    return _load_torch(local, cfg, model_class, trust_remote_code, kwargs)
 
 
-def _load_torch(local: Path, cfg: dict, kwargs: dict) -> nn.Module:
-    target = cfg.get("model_class")
-    if not target or ":" not in target:
-        raise ValueError(f"{local / CONFIG_NAME}: cannot rebuild the model: no 'model_class' "
-                         "('package.module:Class'); save with tn_hf.save_pretrained(model, dir, model_args=...)")
-    mod_name, _, qual = target.partition(":")
+def _load_transformers(local: Path, cfg: dict, model_class, kwargs) -> nn.Module:
+    import transformers
+    if model_class is None:
+        archs = cfg.get("architectures") or []
+        model_class = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
+        if model_class is None:
+            raise S.CheckpointError(f"{local / S.CONFIG_NAME}: transformers has no class {archs} (config.json "
+                                    "'architectures'); pass model_class=")
+    if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
+        raise TypeError(f"from_pretrained: {model_class!r} is not a transformers PreTrainedModel class")
+    return model_class.from_pretrained(str(local), **kwargs)
+
+
+def _import_class(target, where) -> type:
+    """'pkg.module:Class[.Inner]' -> the class: one import, then attributes of classes only."""
+    if not isinstance(target, str) or target.count(":") != 1:
+        raise S.CheckpointError(f"{where}: model_class {target!r} must be 'package.module:Class'")
+    mod_name, qual = target.split(":")
     try:
-        obj: Any = importlib.import_module(mod_name)
+        obj = importlib.import_module(mod_name)
         for part in qual.split("."):
             obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"{local / CONFIG_NAME}: cannot import model_class {target!r}: {e}") from e
-    args = dict(cfg.get("model_args") or {}, **kwargs)
-    try:
-        model = obj(**args)
-    except TypeError as e:
-        raise ValueError(f"{local / CONFIG_NAME}: cannot build {target}(**{args}): {e}; "
-                         "save with model_args= the constructor kwargs") from e
-    apply_model_tn(model, cfg["tn_hf"], local / CONFIG_NAME)
-    load_weights(model, local / WEIGHTS_NAME)
+            if isinstance(obj, types.ModuleType):
+                raise AttributeError(f"{part!r} is a module, not a class")
+    except (ImportError, AttributeError, ValueError) as e:
+        raise S.CheckpointError(f"{where}: cannot import model_class {target!r}: {e}") from e
+    return obj
+
+
+def _load_torch(local: Path, cfg: dict, model_class, trust_remote_code: bool, kwargs: dict) -> nn.Module:
+    where = local / S.CONFIG_NAME
+    named = cfg.get("model_class")
+    if model_class is None:
+        if not named:
+            raise S.CheckpointError(f"{where}: cannot rebuild the model: no 'model_class'; pass it: "
+                                    f"tn_hf.from_pretrained({str(local)!r}, model_class=YourModel)")
+        if not trust_remote_code:
+            short = str(named).rpartition(":")[2] or "YourModel"
+            raise PermissionError(
+                f"{where} names the model class {named!r}; tn_hf does not import or call code a checkpoint "
+                f"names unless you opt in: pass the class, tn_hf.from_pretrained({str(local)!r}, "
+                f"model_class={short}), or pass trust_remote_code=True to import {named!r}")
+        model_class = _import_class(named, where)
+    if not (isinstance(model_class, type) and issubclass(model_class, nn.Module)):
+        raise TypeError(f"from_pretrained: model_class must be an nn.Module subclass, got {model_class!r}")
+    model_args = cfg.get("model_args") or {}
+    if not isinstance(model_args, dict):
+        raise S.CheckpointError(f"{where}: 'model_args' must be an object of constructor kwargs")
+    args = dict(model_args, **kwargs)
+    meta = S.TNMetadata.from_dict(cfg["tn_hf"], str(where))
+    header = S.read_header(local / S.WEIGHTS_NAME)
+    # dry run on the meta device: every check below costs no memory and runs no init
+    with torch.device("meta"):
+        probe = _build(model_class, args, where)
+    apply_specs(probe, meta.specs, where=str(where))
+    S.check_against_header(probe, header, local / S.WEIGHTS_NAME)
+    del probe
+    model = _build(model_class, args, where)
+    apply_specs(model, meta.specs, where=str(where))
+    model.tn_hf_config = meta.config
+    S.load_weights(model, local / S.WEIGHTS_NAME, header)
     model.eval()
     return model
 
 
-def apply_model_tn(model: nn.Module, meta: dict, where) -> None:
-    """Swap the modules named in a saved "tn_hf" block for empty TN layers."""
-    from .compress import apply_specs
-    specs = meta.get("specs") if isinstance(meta, dict) else None
-    if not isinstance(specs, dict) or not specs:
-        raise ValueError(f"{where}: 'tn_hf' block has no 'specs' dict {{module name: spec}}")
+def _build(model_class, args: dict, where) -> nn.Module:
     try:
-        apply_specs(model, specs)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from e
-    model.tn_hf_config = meta.get("config")
+        return model_class(**args)
+    except TypeError as e:
+        raise S.CheckpointError(f"{where}: cannot build {model_class.__qualname__}(**{args}): {e}; save with "
+                                "model_args= the constructor kwargs") from e

@@ -1,69 +1,108 @@
 """timm hook: ``timm.create_model("local-dir:DIR" | "hf-hub:org/name", pretrained=True)`` on a
 checkpoint written by ``tn_hf.save_pretrained``.
 
-timm builds the dense model and then calls ``timm.models._builder.load_pretrained``; ``install()``
-wraps that function. When the checkpoint's config.json (local dir or hub repo) has a ``"tn_hf"``
-key, the wrapper swaps the named modules for empty TN layers from the specs and loads
-model.safetensors strictly (missing/unexpected keys or wrong shapes raise). Any other
-checkpoint goes to timm's original function (kept as ``wrapper.__wrapped__`` for uninstall).
+timm has no extension point between building a model and loading its weights, so this is the
+one place tn_hf patches a library: ``install()`` wraps ``timm.models._builder.load_pretrained``
+(what ``create_model`` calls) and its public re-export ``timm.models.load_pretrained``, for the
+timm versions in ``SUPPORTED`` whose signature matches. When the checkpoint's config.json has a
+``"tn_hf"`` key, the wrapper swaps the named modules for empty TN layers from the specs, checks
+them against the safetensors header and loads it strictly. Any other checkpoint goes to timm's
+own function (kept as ``wrapper.__wrapped__``; ``uninstall()`` restores it).
 """
 from __future__ import annotations
 
 import functools
-import json
+import inspect
+import warnings
 from pathlib import Path
+
+from .. import serialization as S
+from ..convert import apply_specs
+
+SUPPORTED = ((1, 0), (2, 0))  # [min, max) timm versions whose load_pretrained this wraps
+_PARAMS = ("model", "pretrained_cfg", "num_classes", "in_chans", "filter_fn", "strict")
 
 
 def _tn_checkpoint(pretrained_cfg: dict, cache_dir=None):
-    """(config dict, weights path) if this pretrained_cfg points at a tn_hf checkpoint, else None."""
+    """(metadata, config path, weights path) if ``pretrained_cfg`` points at a tn_hf checkpoint."""
     source = pretrained_cfg.get("source")
     if source == "local-dir" and pretrained_cfg.get("file"):
         root = Path(pretrained_cfg["file"])
-        cfg_path, weights = root / "config.json", root / "model.safetensors"
+        S.recover(root)
+        cfg_path, weights = root / S.CONFIG_NAME, root / S.WEIGHTS_NAME
     elif source == "hf-hub" and pretrained_cfg.get("hf_hub_id"):
         from timm.models._hub import download_from_hf
-        cfg_path = Path(download_from_hf(pretrained_cfg["hf_hub_id"], "config.json", cache_dir=cache_dir))
+        cfg_path = Path(download_from_hf(pretrained_cfg["hf_hub_id"], S.CONFIG_NAME, cache_dir=cache_dir))
         weights = None
     else:
         return None
     if not cfg_path.is_file():
         return None
-    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg = S.read_json(cfg_path)
     if "tn_hf" not in cfg:
         return None
+    meta = S.TNMetadata.from_dict(cfg["tn_hf"], str(cfg_path))
     if weights is None:
-        weights = Path(download_from_hf(pretrained_cfg["hf_hub_id"], "model.safetensors", cache_dir=cache_dir))
-    return cfg, cfg_path, weights
+        weights = Path(download_from_hf(pretrained_cfg["hf_hub_id"], S.WEIGHTS_NAME, cache_dir=cache_dir))
+    return meta, cfg_path, weights
+
+
+def load_tn_checkpoint(model, meta: S.TNMetadata, cfg_path, weights) -> None:
+    """Empty TN layers from the specs (meta device), header check, then a strict load."""
+    header = S.read_header(weights)
+    apply_specs(model, meta.specs, where=str(cfg_path))
+    model.tn_hf_config = meta.config
+    S.load_weights(model, weights, header)
 
 
 def _make_wrapper(original):
     @functools.wraps(original)
-    def load_pretrained(model, pretrained_cfg=None, num_classes=1000, in_chans=3, filter_fn=None,
-                        strict=True, cache_dir=None, **kwargs):
+    def load_pretrained(model, pretrained_cfg=None, *args, cache_dir=None, **kwargs):
         cfg = pretrained_cfg or getattr(model, "pretrained_cfg", None) or {}
         found = _tn_checkpoint(cfg, cache_dir)
         if found is None:
-            return original(model, pretrained_cfg=pretrained_cfg, num_classes=num_classes, in_chans=in_chans,
-                            filter_fn=filter_fn, strict=strict, cache_dir=cache_dir, **kwargs)
-        from ..hub import apply_model_tn, load_weights
-        config, cfg_path, weights = found
-        apply_model_tn(model, config["tn_hf"], cfg_path)
-        load_weights(model, weights)
+            return original(model, pretrained_cfg, *args, cache_dir=cache_dir, **kwargs)
+        load_tn_checkpoint(model, *found)
 
     load_pretrained.__wrapped__ = original
     load_pretrained._tn_hf = True
     return load_pretrained
 
 
-def install() -> None:
-    """Wrap timm's load_pretrained (idempotent)."""
+def _supported(timm_version: str, fn) -> bool:
+    try:
+        v = tuple(int(x) for x in timm_version.split(".")[:2])
+    except ValueError:
+        return False
+    params = list(inspect.signature(fn).parameters)
+    return SUPPORTED[0] <= v < SUPPORTED[1] and params[:len(_PARAMS)] == list(_PARAMS) and "cache_dir" in params
+
+
+def install() -> bool:
+    """Wrap timm's load_pretrained (idempotent); False (with a warning) on an unsupported timm."""
+    import timm
+    import timm.models as public
     from timm.models import _builder
-    if getattr(_builder.load_pretrained, "_tn_hf", False):
-        return
-    _builder.load_pretrained = _make_wrapper(_builder.load_pretrained)
+    current = _builder.load_pretrained
+    if getattr(current, "_tn_hf", False):
+        return True
+    if not _supported(timm.__version__, current):
+        warnings.warn(f"tn_hf: timm {timm.__version__} is not supported by the tn_hf loader hook (needs "
+                      f"{SUPPORTED[0]} <= version < {SUPPORTED[1]}); timm.create_model won't load tn_hf "
+                      "checkpoints, use tn_hf.from_pretrained", stacklevel=2)
+        return False
+    wrapper = _make_wrapper(current)
+    _builder.load_pretrained = wrapper
+    if getattr(public, "load_pretrained", None) is current:
+        public.load_pretrained = wrapper
+    return True
 
 
 def uninstall() -> None:
+    import timm.models as public
     from timm.models import _builder
-    if getattr(_builder.load_pretrained, "_tn_hf", False):
-        _builder.load_pretrained = _builder.load_pretrained.__wrapped__
+    current = _builder.load_pretrained
+    if getattr(current, "_tn_hf", False):
+        _builder.load_pretrained = current.__wrapped__
+        if public.load_pretrained is current:
+            public.load_pretrained = current.__wrapped__

@@ -1,11 +1,12 @@
-"""transformers plugin: quantization method ``"tn_hf"``.
+"""transformers plugin: quantization method ``"tn_hf"`` (imported once transformers is imported).
 
 A compressed transformers model carries ``config.quantization_config`` = ``TNQuantizationConfig``
-(the TNConfig and ``{module name: TN layer spec}``), so ``model.save_pretrained(dir)`` writes the
-specs into config.json. After ``import tn_hf``, ``AutoModel*.from_pretrained(dir)`` builds the
-model on the meta device, ``TNQuantizer`` swaps the named modules for empty TN layers from the
-specs, and transformers loads the safetensors into them. Loading is strict: a missing or
-unexpected key raises (transformers itself only warns).
+(the checkpoint metadata, ``tn_hf.serialization.TNMetadata``), so ``model.save_pretrained(dir)``
+writes the specs into config.json. After ``import tn_hf``, ``AutoModel*.from_pretrained(dir)``
+builds the model on the meta device and ``TNQuantizer`` checks the specs against the modules and
+the safetensors headers transformers passes in (names, shapes, dtypes: a missing or unexpected
+key raises, where transformers alone only warns), then swaps the named modules for empty TN
+layers that transformers fills.
 
 Without ``import tn_hf`` transformers does not know the method, warns and loads random
 weights: always ``import tn_hf`` first.
@@ -14,125 +15,104 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from transformers.quantizers import register_quantization_config, register_quantizer
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .. import serialization as S
+from ..convert import MODEL_HOOKS, apply_specs, decompress
+
 QUANT_METHOD = "tn_hf"
-_installed: dict[str, Any] = {}
 
 
-def _classes():
-    if "config" in _installed:
-        return _installed["config"], _installed["quantizer"]
-    from transformers.quantizers.base import HfQuantizer
-    from transformers.utils.quantization_config import QuantizationConfigMixin
+@register_quantization_config(QUANT_METHOD)
+class TNQuantizationConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a TN-compressed model: ``TNMetadata`` plus ``quant_method``.
 
-    class TNQuantizationConfig(QuantizationConfigMixin):
-        """``quantization_config`` of a TN-compressed model: TNConfig dict + per-module specs."""
+    Args:
+        specs: {module name: TN layer spec}.
+        config: the ``TNConfig`` dict used to compress.
+        tn_hf_version: the tn_hf version that wrote it.
+        format_version: the checkpoint metadata format (newer than this tn_hf reads: an error).
+    """
 
-        def __init__(self, tn_config: dict | None = None, specs: dict | None = None,
-                     tn_hf_version: str | None = None, **kwargs):
-            from .. import __version__
-            self.quant_method = QUANT_METHOD
-            self.tn_config = dict(tn_config or {})
-            self.specs = dict(specs or {})
-            self.tn_hf_version = tn_hf_version or __version__
-            kwargs.pop("quant_method", None)
-            if kwargs:
-                raise ValueError(f"quantization_config (tn_hf): unknown keys {sorted(kwargs)}; "
-                                 "valid keys are ['quant_method', 'specs', 'tn_config', 'tn_hf_version']")
+    def __init__(self, specs: dict | None = None, config: dict | None = None, tn_hf_version: str | None = None,
+                 format_version: int = S.FORMAT_VERSION, **kwargs):
+        self.quant_method = QUANT_METHOD
+        d = dict(kwargs, specs=specs, format_version=format_version)
+        for k, v in (("config", config), ("tn_hf_version", tn_hf_version)):
+            if v is not None:
+                d[k] = v
+        self.metadata = S.TNMetadata.from_dict(d, "config.json quantization_config")
 
-        def to_dict(self) -> dict[str, Any]:
-            return {"quant_method": QUANT_METHOD, "tn_config": self.tn_config, "specs": self.specs,
-                    "tn_hf_version": self.tn_hf_version}
+    @property
+    def specs(self) -> dict:
+        return self.metadata.specs
 
-    class TNQuantizer(HfQuantizer):
-        """Swaps modules for empty TN layers before weight loading; enforces a strict load."""
-
-        requires_calibration = False
-
-        def __init__(self, quantization_config, **kwargs):
-            super().__init__(quantization_config, **kwargs)
-            if not self.pre_quantized:
-                raise ValueError("tn_hf: quantization_config=TNQuantizationConfig is for loading "
-                                 "checkpoints saved by tn_hf; to compress a model use tn_hf.compress()")
-
-        def _process_model_before_weight_loading(self, model, **kwargs):
-            from ..compress import apply_specs
-            apply_specs(model, self.quantization_config.specs)
-            model.tn_hf_config = dict(self.quantization_config.tn_config)
-            _make_load_strict(model)
-            return model
-
-        def _process_model_after_weight_loading(self, model, **kwargs):
-            model.__dict__.pop("_adjust_missing_and_unexpected_keys", None)
-            _restore_non_persistent_buffers(model)
-            return model
-
-        def is_serializable(self, *args, **kwargs):
-            return True
-
-        @property
-        def is_trainable(self):
-            return True
-
-        @property
-        def is_qat_trainable(self):
-            return True
-
-        @property
-        def is_compileable(self):
-            return True
-
-        def _dequantize(self, model, dtype=None):
-            from ..compress import decompress
-            return decompress(model)
-
-    TNQuantizationConfig.__module__ = TNQuantizer.__module__ = __name__
-    _installed["config"], _installed["quantizer"] = TNQuantizationConfig, TNQuantizer
-    return TNQuantizationConfig, TNQuantizer
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, **self.metadata.to_dict()}
 
 
-def _make_load_strict(model) -> None:
-    """Wrap this instance's key adjustment so that leftover missing/unexpected keys raise."""
-    original = model._adjust_missing_and_unexpected_keys
+@register_quantizer(QUANT_METHOD)
+class TNQuantizer(HfQuantizer):
+    """Checks the checkpoint, swaps modules for empty TN layers before weight loading."""
 
-    def strict_adjust(loading_info):
-        original(loading_info)
-        missing = sorted(loading_info.missing_keys)
-        unexpected = sorted(loading_info.unexpected_keys)
-        if missing or unexpected:
-            raise RuntimeError(
-                f"tn_hf: strict load of {type(model).__name__} failed: missing keys {missing[:20]}, "
-                f"unexpected keys {unexpected[:20]} (the checkpoint does not match the TN specs in "
-                "config.json's quantization_config)")
-    model._adjust_missing_and_unexpected_keys = strict_adjust
+    requires_calibration = True  # only pre-compressed checkpoints: compress with tn_hf.compress()
 
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        where = "config.json quantization_config"
+        apply_specs(model, self.quantization_config.specs, where=where)
+        model.tn_hf_config = self.quantization_config.metadata.config
+        if checkpoint_files:
+            header: dict = {}
+            for f in checkpoint_files:
+                if str(f).endswith(".safetensors"):
+                    header.update(S.read_header(f))
+            if header:
+                S.check_cores_against_header(model, header, checkpoint_files[0])
+        return model
 
-def _restore_non_persistent_buffers(model) -> None:
-    """Non-persistent buffers of TN layers were created on meta and only allocated by
-    transformers: recompute them from a fresh layer built from the spec."""
-    from ..layers import layer_from_spec
-    for name, spec in (getattr(model, "tn_hf_specs", None) or {}).items():
-        layer = model.get_submodule(name)
-        persistent = set(layer.state_dict().keys())
-        bufs = [(n, b) for n, b in layer.named_buffers() if n not in persistent]
-        if not bufs:
-            continue
-        fresh = dict(layer_from_spec(spec).named_buffers())
-        for n, b in bufs:
-            mod_name, _, leaf = n.rpartition(".")
-            owner = layer.get_submodule(mod_name) if mod_name else layer
-            owner._buffers[leaf] = fresh[n].to(device=b.device)
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
+        if bad:
+            import warnings
+            warnings.warn(f"tn_hf: parameters with NaN/Inf values after loading: {bad[:10]}", stacklevel=2)
+        return model
+
+    def is_serializable(self, *args, **kwargs):
+        return True
+
+    @property
+    def is_trainable(self):
+        return True
+
+    @property
+    def is_qat_trainable(self):
+        return True
+
+    @property
+    def is_compileable(self):
+        return True
+
+    def _dequantize(self, model, dtype=None):
+        return decompress(model)
 
 
 def attach_quantization_config(model) -> None:
     """Record the model's TN specs as ``model.config.quantization_config`` (for save_pretrained)."""
-    cfg_cls, _ = _classes()
-    qc = cfg_cls(tn_config=getattr(model, "tn_hf_config", {}), specs=getattr(model, "tn_hf_specs", {}))
-    model.config.quantization_config = qc
+    if not hasattr(model, "config"):
+        return
+    meta = S.TNMetadata.from_model(model)
+    model.config.quantization_config = TNQuantizationConfig(**meta.to_dict())
 
 
 def detach_quantization_config(model) -> None:
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
     for attr in ("hf_quantizer", "quantization_method"):
         if attr in model.__dict__:
             delattr(model, attr)
@@ -140,19 +120,24 @@ def detach_quantization_config(model) -> None:
         model.is_quantized = False
 
 
+def _is_tf_model(model) -> bool:
+    from transformers import PreTrainedModel
+    return isinstance(model, PreTrainedModel)
+
+
 def install() -> None:
-    """Register the ``tn_hf`` quantization method with transformers (idempotent)."""
-    from transformers.quantizers import auto, register_quantization_config, register_quantizer
-    cfg_cls, q_cls = _classes()
-    if auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not cfg_cls:
-        auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
-        register_quantization_config(QUANT_METHOD)(cfg_cls)
-    if auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not q_cls:
-        auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
-        register_quantizer(QUANT_METHOD)(q_cls)
+    """Keep ``config.quantization_config`` in step with compress / decompress (idempotent)."""
+    hooks = [(MODEL_HOOKS["specs_changed"], _on_specs_changed), (MODEL_HOOKS["decompressed"], _on_decompressed)]
+    for lst, fn in hooks:
+        if fn not in lst:
+            lst.append(fn)
 
 
-def uninstall() -> None:
-    from transformers.quantizers import auto
-    auto.AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
-    auto.AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+def _on_specs_changed(model) -> None:
+    if _is_tf_model(model):
+        attach_quantization_config(model)
+
+
+def _on_decompressed(model) -> None:
+    if _is_tf_model(model):
+        detach_quantization_config(model)

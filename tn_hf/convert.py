@@ -1,0 +1,151 @@
+"""compress(model, config) / decompress(model) / apply_specs(model, specs): swap modules in place.
+
+``compress`` decomposes the current weights of the planned targets (``targeting.plan``) and swaps
+them for TN layers; half-precision weights are decomposed in float32 and cast back.
+``decompress`` swaps every TN layer back to its plain torch module (export, ONNX).
+``apply_specs`` swaps the modules named in a checkpoint's specs for *empty* TN layers on the meta
+device (loading; ``serialization.load_weights`` allocates them after checking the file).
+
+Integrations that keep extra state on the model (transformers' ``config.quantization_config``)
+register callbacks in ``MODEL_HOOKS`` instead of being imported here: dependencies point down.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .layers import layer_from_spec
+from .layers.base import TNLayer
+from .report import CompressionReport, flops, layer_row, probe, rel_error
+from .serialization import CheckpointError, check_specs
+from .targeting import as_config, is_transformers, n_params, plan
+
+# "specs_changed": called with the model after compress / apply_specs; "decompressed": after decompress
+MODEL_HOOKS: dict[str, list[Callable[[nn.Module], None]]] = {"specs_changed": [], "decompressed": []}
+
+
+def _run_hooks(event: str, model: nn.Module) -> None:
+    for fn in MODEL_HOOKS[event]:
+        fn(model)
+
+
+def _decompose(t, config) -> TNLayer:
+    """The TN layer for one target, decomposed from its current weights (float32 for half types)."""
+    composite = t.cls.composite
+    kw: dict[str, Any] = {"compress_hidden": config.compress_hidden} if composite else {}
+    if config.rel_error is not None:
+        kw.update(rel_error=config.rel_error, max_rank=config.max_rank, n_modes=config.n_modes)
+    elif composite and config.compression_ratio is not None:
+        kw.update(compression_ratio=config.compression_ratio, n_modes=config.n_modes)
+    elif composite:  # one rank (int or list) for every matrix of the recurrent layer
+        r = t.spec.get("ranks")
+        kw.update(ranks=r if r is not None else config.ranks, n_modes=config.n_modes)
+    else:  # planned ranks and factors
+        kw.update(ranks=t.spec["ranks"], in_factors=t.spec.get("in_factors"), out_factors=t.spec.get("out_factors"))
+    p = next(t.module.parameters())
+    src = t.module if p.dtype in (torch.float32, torch.float64) else copy.deepcopy(t.module).float()
+    with torch.no_grad():
+        layer = t.cls.from_dense(src, **kw)
+    layer = layer.to(device=p.device, dtype=p.dtype)
+    layer.train(t.module.training)
+    return layer
+
+
+def _note(row: dict, layer, config) -> str | None:
+    asked = config.compression_ratio
+    if asked is None or row["ratio"] >= 0.9 * asked:
+        return None
+    if layer.composite and not config.compress_hidden:
+        return (f"{row['ratio']:.2f}x, not {asked:g}x: its hidden-to-hidden weights stay dense "
+                "(TNConfig(compress_hidden=True) compresses them too)")
+    if config.allocation == "global":
+        return f"{row['ratio']:.2f}x: the global allocation gave this layer more rank (its spectrum decays slowly)"
+    return f"{row['ratio']:.2f}x, not {asked:g}x: ranks are capped by the tensor's shape"
+
+
+def compress(model: nn.Module, config, *, progress: bool = True) -> CompressionReport:
+    """Swap the planned targets of ``model`` in place for TN layers decomposed from their weights.
+
+    Args:
+        model: any ``nn.Module`` (timm, transformers, plain torch); changed in place.
+        config: a ``TNConfig`` (or its dict).
+        progress: show a progress bar.
+    Returns:
+        the ``CompressionReport`` (also kept as ``model.tn_hf_report`` for the model card).
+    """
+    from tqdm.auto import tqdm
+    config = as_config(config)
+    targets = plan(model, config)
+    if not targets:
+        raise ValueError(f"compress: no module of {type(model).__name__} is a target for {config} "
+                         "(all too small, skipped by default, or excluded)")
+    probed = probe(model, [t.name for t in targets])
+    specs = dict(getattr(model, "tn_hf_specs", None) or {})
+    rows = []
+    for t in tqdm(targets, desc="tn_hf compress", disable=not progress):
+        dense = {k: v.detach().clone() for k, v in t.cls.dense_weights(t.module).items()}
+        layer = _decompose(t, config)
+        model.set_submodule(t.name, layer)
+        specs[t.name] = layer.spec()
+        fd, ft = flops(t.module, layer, probed.get(t.name))
+        row = layer_row(t.name, layer, specs[t.name], rel_error=rel_error(dense, layer), flops_dense=fd, flops_tn=ft)
+        row["dense_params"] = n_params(t.module)
+        row["ratio"] = row["dense_params"] / max(row["tn_params"], 1)
+        note = _note(row, layer, config)
+        if note:
+            row["note"] = note
+        rows.append(row)
+    model.tn_hf_specs = specs
+    model.tn_hf_config = config.to_dict()
+    _run_hooks("specs_changed", model)
+    report = CompressionReport.build(rows, model_params_tn=n_params(model), requested_ratio=config.compression_ratio,
+                                     flops_per="sample" if probed else "position")
+    model.tn_hf_report = report  # used by save_pretrained's model card
+    return report
+
+
+def apply_specs(model: nn.Module, specs: dict[str, dict], *, where: str = "checkpoint") -> nn.Module:
+    """Swap the modules named in ``specs`` for empty TN layers on the meta device (for loading).
+
+    The specs are checked first (``serialization.check_specs``); the new layers take the dtype of
+    the module they replace and are allocated by ``serialization.load_weights`` (or transformers)."""
+    check_specs(model, specs, where)
+    for name, spec in specs.items():
+        old = model.get_submodule(name)
+        dtype = next((p.dtype for p in old.parameters()), None)
+        try:
+            with torch.device("meta"):
+                layer = layer_from_spec(spec)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise CheckpointError(f"{where}: module {name!r}: cannot build TN layer from spec "
+                                  f"(class {spec.get('class')!r}): {e}") from e
+        if dtype is not None and dtype.is_floating_point:
+            layer = layer.to(dtype=dtype)
+        layer.train(old.training)
+        model.set_submodule(name, layer)
+    model.tn_hf_specs = dict(specs)
+    _run_hooks("specs_changed", model)
+    return model
+
+
+def decompress(model: nn.Module) -> nn.Module:
+    """Replace every TN layer by its plain torch module (rebuilt weights); drops the TN metadata."""
+    names = [n for n, m in model.named_modules() if isinstance(m, TNLayer)]
+    top = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    for name in top:
+        layer = model.get_submodule(name)
+        with torch.no_grad():
+            dense = layer.to_dense()
+        dense.train(layer.training)
+        model.set_submodule(name, dense)
+    for attr in ("tn_hf_specs", "tn_hf_config", "tn_hf_report"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    _run_hooks("decompressed", model)
+    return model
+
+
+__all__ = ["compress", "decompress", "apply_specs", "is_transformers", "MODEL_HOOKS"]

@@ -1,0 +1,230 @@
+"""CompressionReport: the one per-layer table (compress, model cards, ``tn-hf inspect``, recipes).
+
+Rows: ``name, type, tn_type, dense_params, tn_params, ratio, ranks, rel_error, flops_dense,
+flops_tn`` and, for a layer that did not reach the requested ratio, a ``note`` saying why.
+Totals: over the compressed layers (``target_*``) and over the whole model (``model_*``), plus
+the requested ratio. A report is built by ``compress`` (with errors and FLOPs), from a live model
+(``from_model``) or from a checkpoint's specs and safetensors header (``from_checkpoint``, no
+weights read).
+
+FLOPs (the layers' own ``flops``/``dense_flops``, 2 per multiply-add): when the model declares a
+default input size (timm ``pretrained_cfg["input_size"]``), one forward pass on a zero input with
+hooks records each target's input shape and FLOPs are per sample (batch 1). Otherwise they are
+per token/position for Linear and recurrent layers and unknown (None) for convs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layers import layer_from_spec
+
+COLUMNS = ("name", "type", "tn_type", "dense_params", "tn_params", "ratio", "ranks", "rel_error",
+           "flops_dense", "flops_tn")
+
+
+def ranks_of(spec: dict):
+    subs = spec.get("weights")
+    if isinstance(subs, dict):  # composite (recurrent) layers: ranks of each TN matrix
+        return {k: v.get("ranks") for k, v in subs.items() if isinstance(v, dict)}
+    return spec.get("ranks")
+
+
+def layer_row(name: str, layer, spec: dict, **extra) -> dict[str, Any]:
+    """One table row for a TN layer (live or on the meta device)."""
+    dense = int(layer.dense_params())
+    tn = sum(p.numel() for p in layer.parameters())
+    row = {"name": name, "type": layer.dense_type.__name__, "tn_type": type(layer).__name__,
+           "dense_params": dense, "tn_params": tn, "ratio": dense / max(tn, 1), "ranks": ranks_of(spec),
+           "rel_error": None, "flops_dense": None, "flops_tn": None}
+    row.update(extra)
+    return row
+
+
+@dataclass
+class CompressionReport:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    totals: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def build(cls, rows: list[dict], *, model_params_tn: int, requested_ratio: float | None = None,
+              flops_per: str | None = None, **extra) -> "CompressionReport":
+        """Totals from the rows: the model's dense size is its TN size minus what the targets saved."""
+        td = sum(r["dense_params"] for r in rows)
+        tt = sum(r["tn_params"] for r in rows)
+        model_dense = model_params_tn - tt + td
+        flops_known = bool(rows) and all(r.get("flops_dense") is not None for r in rows)
+        totals = {"layers": len(rows), "target_params_dense": td, "target_params_tn": tt,
+                  "target_ratio": td / max(tt, 1), "requested_ratio": requested_ratio,
+                  "model_params_dense": model_dense, "model_params_tn": model_params_tn,
+                  "model_ratio": model_dense / max(model_params_tn, 1),
+                  "flops_dense": sum(r["flops_dense"] for r in rows) if flops_known else None,
+                  "flops_tn": sum(r["flops_tn"] for r in rows) if flops_known else None,
+                  "flops_per": flops_per, **extra}
+        return cls(rows, totals)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "CompressionReport":
+        """Rows rebuilt from ``model.tn_hf_specs`` and the live layers (no errors, no FLOPs)."""
+        specs = getattr(model, "tn_hf_specs", None) or {}
+        rows = [layer_row(n, model.get_submodule(n), s) for n, s in specs.items()]
+        cfg = getattr(model, "tn_hf_config", None) or {}
+        return cls.build(rows, model_params_tn=sum(p.numel() for p in model.parameters()),
+                         requested_ratio=cfg.get("compression_ratio"))
+
+    @classmethod
+    def from_checkpoint(cls, specs: dict, config: dict | None, header: dict) -> "CompressionReport":
+        """Rows from the specs (empty layers on the meta device) and sizes from the safetensors header.
+
+        Model totals count every stored tensor (parameters and buffers)."""
+        rows = []
+        for name, spec in specs.items():
+            with torch.device("meta"):
+                layer = layer_from_spec(spec)
+            rows.append(layer_row(name, layer, spec))
+        stored = sum(math.prod(shape) for _, shape in header.values())
+        return cls.build(rows, model_params_tn=stored, requested_ratio=(config or {}).get("compression_ratio"),
+                         format=(config or {}).get("format"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": [dict(r) for r in self.rows], "totals": dict(self.totals)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompressionReport":
+        return cls([dict(r) for r in d.get("rows", [])], dict(d.get("totals", {})))
+
+    # ------------------------------------------------------------------ rendering
+    @staticmethod
+    def fmt(v, col: str = "") -> str:
+        if v is None:
+            return "-"
+        if col == "ratio" or col.endswith("_ratio"):
+            return f"{v:.2f}x"
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
+        if isinstance(v, list):
+            return "-".join(str(x) for x in v)
+        if isinstance(v, dict):
+            return "; ".join(f"{k}: {CompressionReport.fmt(x)}" for k, x in v.items())
+        return str(v)
+
+    def _total_row(self) -> list[str]:
+        t = self.totals
+        asked = t.get("requested_ratio")
+        label = "TOTAL (model)" + (f", asked {asked:g}x over targets" if asked else "")
+        return [label, "", "", self.fmt(t.get("model_params_dense")), self.fmt(t.get("model_params_tn")),
+                self.fmt(t.get("model_ratio"), "ratio"), "", "", self.fmt(t.get("flops_dense")),
+                self.fmt(t.get("flops_tn"))]
+
+    def table(self) -> list[list[str]]:
+        """Header, one row per layer, the targets' total and the model's total (strings)."""
+        t = self.totals
+        rows = [list(COLUMNS)] + [[self.fmt(r.get(c), c) for c in COLUMNS] for r in self.rows]
+        rows.append(["TOTAL (compressed layers)", "", "", self.fmt(t.get("target_params_dense")),
+                     self.fmt(t.get("target_params_tn")), self.fmt(t.get("target_ratio"), "ratio"),
+                     "", "", "", ""])
+        rows.append(self._total_row())
+        return rows
+
+    def notes(self) -> list[str]:
+        return [f"{r['name']}: {r['note']}" for r in self.rows if r.get("note")]
+
+    def to_markdown(self) -> str:
+        table = self.table()
+        lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+        for i, row in enumerate(table[1:]):
+            cells = [c.replace("|", "/") for c in row]
+            if i < len(self.rows):
+                cells[0] = f"`{cells[0]}`"
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines + [f"\n- {n}" for n in self.notes()])
+
+    def __str__(self) -> str:
+        table = self.table()
+        widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+                 for row in table]
+        rule = "-" * len(lines[0])
+        lines.insert(1, rule)
+        lines.insert(len(lines) - 2, rule)
+        return "\n".join(lines + self.notes())
+
+    __repr__ = __str__
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def _default_input(model) -> torch.Tensor | None:
+    cfg = getattr(model, "pretrained_cfg", None)
+    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if not size:
+        return None
+    p = next(model.parameters(), None)
+    return torch.zeros(1, *size, device=p.device if p is not None else "cpu",
+                       dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+
+
+def probe(model, names: list[str]) -> dict[str, tuple[tuple, int]]:
+    """{name: (input shape, output positions per sample)} from one forward on a zero input."""
+    x = _default_input(model)
+    if x is None:
+        return {}
+    out: dict[str, tuple[tuple, int]] = {}
+    hooks = []
+    for name in names:
+        def hook(m, inp, o, name=name):
+            o = o[0] if isinstance(o, tuple) else o
+            if not (inp and torch.is_tensor(inp[0]) and torch.is_tensor(o)):
+                return
+            conv = isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+            out[name] = (tuple(inp[0].shape), int(math.prod(o.shape[2:]) if conv else o.numel() // o.shape[-1]))
+        hooks.append(model.get_submodule(name).register_forward_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    except Exception:  # noqa: BLE001 - FLOPs are informative only: fall back to per-position counts
+        out = {}
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return out
+
+
+def positions(model, names: list[str]) -> dict[str, int]:
+    return {k: v[1] for k, v in probe(model, names).items()}
+
+
+def flops(module: nn.Module, tn_layer, probed) -> tuple[int | None, int | None]:
+    """(dense, TN) FLOPs of one forward: per sample if probed, else per position (None for convs)."""
+    if probed is not None:
+        shape = probed[0]
+    elif isinstance(module, nn.Linear):
+        shape = (1, module.in_features)
+    elif isinstance(module, (nn.LSTM, nn.GRU)):
+        shape = (1, module.input_size)
+    else:
+        return None, None
+    try:
+        return int(tn_layer.dense_flops(shape)), int(tn_layer.flops(shape))
+    except (AttributeError, TypeError, ValueError):
+        return None, None
+
+
+def rel_error(dense: dict[str, torch.Tensor], layer) -> float | None:
+    """Relative Frobenius error of the rebuilt weights against the dense ones."""
+    rebuilt = type(layer).dense_weights(layer.to_dense())
+    num = den = 0.0
+    for k, w in dense.items():
+        if k in rebuilt:
+            num += float((rebuilt[k].detach().double().cpu() - w.double().cpu()).pow(2).sum())
+            den += float(w.double().pow(2).sum())
+    return math.sqrt(num / den) if den > 0 else None

@@ -1,0 +1,229 @@
+"""Which modules get compressed, and at which ranks: ``plan(model, config) -> [Target]``.
+
+Default skips (what users of peft/torchao expect), applied when ``target_modules`` is None:
+the stem (timm ``pretrained_cfg["first_conv"]``; plain torch: the first conv), the head (timm
+``pretrained_cfg["classifier"]``; transformers: the output embeddings and modules named
+classifier/head/lm_head/score; plain torch: the last Linear) and modules below ``min_params``.
+Always skipped (they can't be swapped safely): grouped/depthwise convs, modules whose
+parameters are shared with another module (tied heads), ``model._keep_in_fp32_modules`` and
+RWKV's ``attention.output`` / ``feed_forward.value`` when ``config.rescale_every > 0`` (RWKV
+rescales those weights in place in eval mode, which a TN layer's rebuilt weight can't follow).
+Every skip is logged (``logging`` at DEBUG, logger ``tn_hf.targeting``).
+
+``plan`` is shared by ``compress`` and ``ADMMScheduler``, so both use the same ranks.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import TNConfig
+from .decompositions import allocate_ranks
+from .layers import layer_type, registry, tn_class_for
+from .layers.base import normalize_ranks
+
+logger = logging.getLogger(__name__)
+_HEAD_NAMES = ("classifier", "head", "heads", "lm_head", "score")
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class Target:
+    """One module to compress: its name, the module, the TN class replacing it and its spec."""
+    name: str
+    module: nn.Module
+    cls: type
+    spec: dict
+
+
+def as_config(config) -> TNConfig:
+    if isinstance(config, TNConfig):
+        return config
+    if isinstance(config, dict):
+        return TNConfig.from_dict(config)
+    raise TypeError(f"config must be a TNConfig or a dict, got {type(config).__name__}")
+
+
+def is_transformers(model) -> bool:
+    tf = sys.modules.get("transformers")  # not imported -> can't be a transformers model
+    return tf is not None and isinstance(model, tf.PreTrainedModel)
+
+
+def n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------- matching
+def _matches_one(name: str, pattern: str) -> bool:
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def matches(name: str, pattern: str) -> bool:
+    """peft-style: exact name, ``name`` ending with ``.pattern`` or ``re.fullmatch``; a pattern that
+    matches a container (``"layer4"``) matches every module inside it."""
+    parts = name.split(".")
+    return any(_matches_one(".".join(parts[:i]), pattern) for i in range(len(parts), 0, -1))
+
+
+def _names(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [v for v in value if v]
+
+
+# ----------------------------------------------------------------------------- skip rules
+def _stem_and_head(model: nn.Module) -> tuple[str | None, set[str]]:
+    """(stem module name, head module names) (see module docstring)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    if isinstance(cfg, dict) and ("first_conv" in cfg or "classifier" in cfg):  # timm
+        stem = _names(cfg.get("first_conv"))
+        return (stem[0] if stem else None), set(_names(cfg.get("classifier")))
+    first_conv = next((n for n, m in model.named_modules() if isinstance(m, _CONVS)), None)
+    if is_transformers(model):
+        get_out = getattr(model, "get_output_embeddings", None)
+        emb = get_out() if callable(get_out) else None
+        heads = {n for n, m in model.named_modules()
+                 if (emb is not None and m is emb) or n.split(".")[-1] in _HEAD_NAMES}
+        return None, heads
+    last_linear = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            last_linear = name
+    return first_conv, ({last_linear} if last_linear else set())
+
+
+def _shared_modules(model: nn.Module) -> set[str]:
+    """Names of modules holding a parameter that another module also holds (tied weights)."""
+    owners: dict[int, set[str]] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(name)
+    shared = {n for names in owners.values() if len(names) > 1 for n in names}
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    for k, v in dict(tied).items():
+        shared |= {k.rsplit(".", 1)[0], str(v).rsplit(".", 1)[0]}
+    return shared
+
+
+def always_skipped(model: nn.Module, name: str, module: nn.Module, shared: set[str]) -> str | None:
+    """Why this module can never be swapped (None if it can)."""
+    if isinstance(module, _CONVS) and module.groups != 1:
+        return f"grouped conv (groups={module.groups})"
+    if name in shared:
+        return "its parameters are shared with another module (tied weights)"
+    for k in getattr(model, "_keep_in_fp32_modules", None) or ():
+        if re.search(rf"(^|\.){re.escape(k)}(\.|$)", name):
+            return f"in model._keep_in_fp32_modules ({k})"
+    cfg = getattr(model, "config", None)
+    if getattr(cfg, "model_type", None) == "rwkv" and (getattr(cfg, "rescale_every", 0) or 0) > 0:
+        if name.endswith("attention.output") or name.endswith("feed_forward.value"):
+            return "RWKV rescales this weight in place (config.rescale_every > 0)"
+    return None
+
+
+def _skip_reason(model, name, module, config: TNConfig, explicit, excluded, shared, stem, heads) -> str | None:
+    if explicit and not any(matches(name, p) for p in explicit):
+        return "not in target_modules"
+    if any(matches(name, p) for p in excluded):
+        return "in exclude_modules"
+    why = always_skipped(model, name, module, shared)
+    if why or explicit:
+        return why
+    if config.skip_stem and name == stem:
+        return "the stem (skip_stem=True)"
+    if config.skip_head and name in heads:
+        return "the classifier head (skip_head=True)"
+    if n_params(module) < config.min_params:
+        return f"{n_params(module)} params < min_params={config.min_params}"
+    return None
+
+
+# ----------------------------------------------------------------------------- plan
+def plan(model: nn.Module, config) -> list[Target]:
+    """Which modules get which TN class, with spec (ranks allocated where the config allows)."""
+    config = as_config(config)
+    rank_dict = config.ranks if isinstance(config.ranks, dict) else None
+    explicit = _names(config.target_modules) or (list(rank_dict) if rank_dict else [])
+    all_names = [n for n, _ in model.named_modules() if n]
+    for pat in explicit:
+        if not any(matches(n, pat) for n in all_names):
+            cands = [n for n, m in model.named_modules() if layer_type(m)][:20]
+            raise ValueError(f"target_modules pattern {pat!r} matches no module of "
+                             f"{type(model).__name__}; some candidate module names: {cands}")
+    excluded = _names(config.exclude_modules)
+    shared = _shared_modules(model)
+    stem, heads = _stem_and_head(model)
+
+    targets = []
+    for name, module in model.named_modules():
+        ltype = layer_type(module)
+        if ltype is None or ltype not in config.layer_types:
+            continue
+        why = _skip_reason(model, name, module, config, explicit, excluded, shared, stem, heads)
+        if why:
+            logger.debug("tn_hf: skipping %s (%s): %s", name, type(module).__name__, why)
+            continue
+        cls = tn_class_for(module, config.format)
+        ranks = None
+        if rank_dict is not None:
+            key = next((k for k in rank_dict if matches(name, k)), None)
+            if key is None:
+                raise ValueError(f"TNConfig.ranks has no entry for target {name!r}; keys: {list(rank_dict)}")
+            ranks = rank_dict[key]
+        elif config.ranks is not None:
+            ranks = config.ranks
+        kw = {"compress_hidden": config.compress_hidden} if cls.composite else {}
+        spec = cls.dense_spec(module, ranks=ranks, n_modes=config.n_modes, **kw)
+        if ranks is not None:
+            _normalize_spec_ranks(cls, spec)
+        targets.append(Target(name, module, cls, spec))
+
+    if config.compression_ratio is not None and targets:
+        _allocate(model, targets, config)
+    return targets
+
+
+def leaf_specs(cls, spec: dict) -> dict[str, dict]:
+    """{dense weight name: leaf spec}; a leaf layer's own spec is its only entry ("weight")."""
+    return cls.weight_specs(spec) if cls.composite else {"weight": spec}
+
+
+def _normalize_spec_ranks(cls, spec: dict) -> None:
+    """Int ranks -> full rank lists in every leaf spec (what ADMM and the layers use)."""
+    for leaf in leaf_specs(cls, spec).values():
+        r = leaf.get("ranks")
+        if r is not None and not isinstance(r, list):
+            lcls = registry[leaf["class"]]
+            leaf["ranks"] = normalize_ranks(r, lcls._modes(leaf), lcls.format, leaf["class"])
+
+
+def _allocate(model, targets: list[Target], config: TNConfig) -> None:
+    """Joint rank allocation (decompositions.allocate_ranks) over the tensorized weights."""
+    from .report import positions
+    tensors, fpp = {}, {}
+    pos = positions(model, [t.name for t in targets]) if config.budget == "flops" else {}
+    for t in targets:
+        if t.cls.composite:  # recurrent: every matrix at the requested ratio (from_dense)
+            continue
+        (w,) = t.cls.dense_weights(t.module).values()
+        tensors[t.name] = t.cls.tensorize(w.detach().float().cpu(), t.spec)
+        fpp[t.name] = float(pos.get(t.name) or 1)
+    if not tensors:
+        return
+    ranks = allocate_ranks(tensors, format=config.format, compression_ratio=config.compression_ratio,
+                           budget=config.budget, flops_per_param=fpp if config.budget == "flops" else None,
+                           allocation=config.allocation)
+    for t in targets:
+        if t.name in ranks:
+            t.spec = dict(t.spec, ranks=list(ranks[t.name]))
