@@ -271,6 +271,12 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _file_mode() -> int:
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _commit_order(names) -> list[str]:
     """Weights and extras first, config.json last (a loader reads config.json first)."""
     return sorted(names, key=lambda n: (n == CONFIG_NAME, n))
@@ -335,7 +341,9 @@ def write_checkpoint(folder, render: Callable[[Path], None]) -> list[str]:
         nested = [n for n in names if not (staging / n).is_file()]
         if nested:
             raise RuntimeError(f"save_pretrained: unexpected folders in the checkpoint: {nested}")
-        for n in names:
+        mode = _file_mode()
+        for n in names:  # the mode a plain open() gives (some writers create 0600 files)
+            os.chmod(staging / n, mode)
             _fsync_file(staging / n)
         journal = {"staging": staging.name, "files": names}
         tmp = folder / f"{JOURNAL}.{staging.name}"

@@ -1,0 +1,306 @@
+"""Safe by default: loading runs no code, saving deletes nothing, pushing uploads only the checkpoint,
+hostile checkpoints fail before memory is spent, half precision compresses."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import tn_hf
+from tn_hf.layers.base import TNLayer
+from tn_hf.serialization import CheckpointError, read_header
+
+
+class Net(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.inp = nn.Linear(16, width)
+        self.mid = nn.Linear(width, width)
+        self.rnn = nn.LSTM(width, width, batch_first=True)
+        self.out = nn.Linear(width, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.mid(torch.relu(self.inp(x))))
+        return self.out(self.rnn(h)[0][:, -1])
+
+
+def _saved(path, **kw):
+    torch.manual_seed(0)
+    model = Net().eval()
+    tn_hf.compress(model, tn_hf.TNConfig(ranks=4, min_params=500, target_modules=["mid", "rnn"]), progress=False)
+    tn_hf.save_pretrained(model, path, model_args={"width": 32}, **kw)
+    return model
+
+
+def _edit_config(path, fn):
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+# ----------------------------------------------------------------------------- 1. no code from checkpoints
+def test_checkpoint_naming_a_callable_runs_nothing(tmp_path):
+    _saved(tmp_path)
+    marker = tmp_path / "pwned"
+    _edit_config(tmp_path, lambda c: c.update(model_class="subprocess:run",
+                                              model_args={"args": ["touch", str(marker)]}))
+    with pytest.raises(PermissionError, match=r"'subprocess:run'.*model_class=run.*trust_remote_code=True"):
+        tn_hf.from_pretrained(tmp_path)
+    assert not marker.exists()
+    # even with the opt-in, only an nn.Module subclass is called
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        tn_hf.from_pretrained(tmp_path, trust_remote_code=True)
+    assert not marker.exists()
+    # no attribute walk through modules (os.path.os.system ...)
+    _edit_config(tmp_path, lambda c: c.update(model_class="os:path.os.system"))
+    with pytest.raises(ValueError, match="is a module, not a class"):
+        tn_hf.from_pretrained(tmp_path, trust_remote_code=True)
+
+
+def test_model_class_or_opt_in_loads(tmp_path):
+    model = _saved(tmp_path)
+    x = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        y = model(x)
+        torch.testing.assert_close(tn_hf.from_pretrained(tmp_path, model_class=Net)(x), y)
+        torch.testing.assert_close(tn_hf.from_pretrained(tmp_path, trust_remote_code=True)(x), y)
+
+
+def test_missing_relative_path_is_not_a_hub_download(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"neither a local folder.*nor a valid Hub repo id"):
+        tn_hf.from_pretrained("./outputs/model")
+    with pytest.raises(FileNotFoundError, match=r"neither a local folder.*nor a valid Hub repo id"):
+        tn_hf.from_pretrained("runs/a/b")
+
+
+def test_main_module_class_warns_on_save(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    tn_hf.compress(model, tn_hf.TNConfig(ranks=4, target_modules=["mid"]), progress=False)
+    type(model).__module__ = "__main__"
+    try:
+        with pytest.warns(UserWarning, match="defined in __main__.*model_class=Net"):
+            tn_hf.save_pretrained(model, tmp_path)
+    finally:
+        type(model).__module__ = __name__
+
+
+# ----------------------------------------------------------------------------- 2. saving deletes nothing
+def test_save_keeps_other_files_and_folder_mode(tmp_path):
+    folder = tmp_path / "project"
+    (folder / "src").mkdir(parents=True)
+    (folder / "src" / "train.py").write_text("print('mine')")
+    (folder / "notes.txt").write_text("keep me")
+    os.chmod(folder, 0o755)
+    _saved(folder)
+    _saved(folder)  # a second save over the first one
+    assert (folder / "src" / "train.py").read_text() == "print('mine')"
+    assert (folder / "notes.txt").read_text() == "keep me"
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o755)
+    ours = {"config.json", "model.safetensors", "README.md", "compression.png", "tn_hf_report.json"}
+    assert {p.name for p in folder.iterdir()} == ours | {"src", "notes.txt"}
+    assert oct((folder / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask():
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_save_into_cwd_keeps_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "setup.py").write_text("# user project")
+    _saved(".")
+    assert os.getcwd() == str(tmp_path) and (tmp_path / "setup.py").exists()
+    assert tn_hf.from_pretrained(".", model_class=Net) is not None
+
+
+def test_cli_compress_out_keeps_other_files(tmp_path):
+    from tn_hf.cli import main
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["compress", "test_resnet", "--ratio", "3", "--targets", "layer4.0.conv2", "--out", str(out)]) == 0
+    assert (out / "keep.txt").read_text() == "x" and (out / "model.safetensors").is_file()
+
+
+def test_failed_save_cleans_up_and_stale_staging_removed(tmp_path, monkeypatch):
+    import tn_hf.serialization as ser
+    model = _saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    stale = tmp_path / ".tn_hf-staging-deadbeef"  # left by a killed save
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(ser, "write_weights", boom)
+    with pytest.raises(OSError, match="disk full"):
+        tn_hf.save_pretrained(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # stale one removed too
+
+
+_SAVER = textwrap.dedent("""
+    import sys, torch, tn_hf
+    from torch import nn
+    sys.path.insert(0, sys.argv[2])
+    from test_safety import Net
+    torch.manual_seed(0)
+    model = Net(width=256)
+    tn_hf.compress(model, tn_hf.TNConfig(ranks=64, target_modules=["mid", "rnn"]), progress=False)
+    i = 0
+    while True:
+        i += 1
+        with torch.no_grad():
+            model.out.bias.fill_(float(i))
+        tn_hf.save_pretrained(model, sys.argv[1], model_args={"width": 256})
+        print(i, flush=True)
+""")
+
+
+def test_sigkill_mid_save_leaves_a_loadable_checkpoint(tmp_path):
+    """Kill a process that saves in a loop at many moments: every time, the folder loads, as a whole
+    checkpoint of one of the saves (its weights agree with its own config)."""
+    ckpt = tmp_path / "ckpt"
+    script = tmp_path / "saver.py"
+    script.write_text(_SAVER)
+    here = os.path.dirname(__file__)
+    seen = set()
+    for k in range(6):
+        proc = subprocess.Popen([sys.executable, str(script), str(ckpt), here], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "1"  # one complete save exists
+        time.sleep(0.05 + 0.07 * k)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        model = tn_hf.from_pretrained(ckpt, model_class=Net)
+        b = model.out.bias.detach()
+        assert torch.all(b == b[0]) and b[0] >= 1
+        seen.add(float(b[0]))
+        leftovers = [p.name for p in ckpt.iterdir() if p.name.startswith(".tn_hf")]
+        assert leftovers == []  # the load finished or removed the interrupted save
+    assert len(seen) >= 2
+
+
+# ----------------------------------------------------------------------------- 3. push uploads only the checkpoint
+def test_push_uploads_only_checkpoint_files_and_names_repo(hub, tmp_path, capsys):
+    from tn_hf.cli import main
+    folder = tmp_path / "ckpt"
+    _saved(folder)
+    (folder / ".env").write_text("HF_TOKEN=secret")
+    (folder / "private").mkdir()
+    (folder / "private" / "id_rsa").write_text("KEY")
+    assert main(["push", str(folder), "org/safe-push"]) == 0
+    out = capsys.readouterr().out
+    files = hub.files("org/safe-push")
+    assert set(files) <= {"config.json", "model.safetensors", "README.md", "compression.png", "tn_hf_report.json",
+                          ".gitattributes"}
+    assert {"config.json", "model.safetensors", "README.md"} <= set(files)
+    assert "model.safetensors" in out and ".env" not in out  # listed before uploading
+    card = files["README.md"].decode()
+    assert "ORG/NAME" not in card and 'from_pretrained("org/safe-push")' in card
+
+
+# ----------------------------------------------------------------------------- 6. half precision
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_compresses_at_ratio_and_ranks(dtype):
+    for cfg in (tn_hf.TNConfig(compression_ratio=4, target_modules=["mid", "rnn"]),
+                tn_hf.TNConfig(ranks=4, target_modules=["mid", "rnn"])):
+        torch.manual_seed(0)
+        model = Net().to(dtype)
+        ref = Net()
+        ref.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        r_half = tn_hf.compress(model, cfg, progress=False)
+        r_ref = tn_hf.compress(ref, cfg, progress=False)
+        assert all(p.dtype == dtype for p in model.parameters())
+        assert [r["ranks"] for r in r_half.rows] == [r["ranks"] for r in r_ref.rows]
+        for a, b in zip(r_half.rows, r_ref.rows):
+            assert a["rel_error"] == pytest.approx(b["rel_error"], abs=0.02)
+
+
+# ----------------------------------------------------------------------------- 7. hostile checkpoints
+def _peak_rss_mb():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s["mid"].update(ranks=[1, 100000, 1]), "r.1.=100000 exceeds the largest possible rank"),
+    (lambda s: s["mid"].update(ranks=[1, 2, 1]), "shape mismatch"),
+    (lambda s: s["mid"].update(ranks=[1, 4.5, 1]), "ranks=.*non-negative ints"),
+    (lambda s: s["mid"].update(in_features=4096), "interface: in_features=4096 .module has 32"),
+    (lambda s: s["mid"].update({"class": "TTConv2d"}), "would change its interface"),
+    (lambda s: s["rnn"].update(num_layers=10 ** 6), "num_layers=1000000 .module has 1"),
+    (lambda s: s.update({"": s["mid"]}), "non-empty module names"),
+    (lambda s: s.update(mid=[1, 2, 3]), "must be an object"),
+])
+def test_hostile_specs_fail_before_allocation(tmp_path, edit, match):
+    _saved(tmp_path)
+    _edit_config(tmp_path, lambda c: edit(c["tn_hf"]["specs"]))
+    rss = _peak_rss_mb()
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        tn_hf.from_pretrained(tmp_path, model_class=Net)
+    assert time.perf_counter() - t0 < 10
+    assert _peak_rss_mb() - rss < 200
+
+
+def test_hostile_timm_checkpoint_fails_before_allocation(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("test_resnet", pretrained=False)
+    tn_hf.compress(model, tn_hf.TNConfig(ranks=4, min_params=1000), progress=False)
+    tn_hf.save_pretrained(model, tmp_path)
+    name = next(iter(json.loads((tmp_path / "config.json").read_text())["tn_hf"]["specs"]))
+
+    def huge(c):
+        spec = c["tn_hf"]["specs"][name]
+        spec["ranks"] = [1] + [50000] * (len(spec["ranks"]) - 2) + [1]
+    _edit_config(tmp_path, huge)
+    rss = _peak_rss_mb()
+    with pytest.raises(ValueError, match=f"{name}.*exceeds the largest possible rank"):
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=True)
+    assert _peak_rss_mb() - rss < 200
+
+
+def test_newer_format_and_unknown_keys(tmp_path):
+    _saved(tmp_path)
+    _edit_config(tmp_path, lambda c: c["tn_hf"].update(format_version=99))
+    with pytest.raises(CheckpointError, match="newer tn_hf .checkpoint format 99.*upgrade"):
+        tn_hf.from_pretrained(tmp_path, model_class=Net)
+    _edit_config(tmp_path, lambda c: c["tn_hf"].update(format_version=1, shiny_new_field=True))
+    with pytest.warns(UserWarning, match="unknown tn_hf metadata keys .'shiny_new_field'"):
+        tn_hf.from_pretrained(tmp_path, model_class=Net)
+
+
+def test_non_finite_weights_warn_with_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _saved(tmp_path)
+    f = tmp_path / "model.safetensors"
+    sd = load_file(str(f))
+    sd["mid.cores.0"][0, 0, 0] = float("nan")
+    save_file(sd, str(f))
+    with pytest.warns(UserWarning, match=r"NaN/Inf.*mid\.cores\.0"):
+        tn_hf.from_pretrained(tmp_path, model_class=Net)
+
+
+def test_header_read_without_data(tmp_path):
+    _saved(tmp_path)
+    header = read_header(tmp_path / "model.safetensors")
+    assert header["mid.cores.0"][1] == (1, 4, 4) or header["mid.cores.0"][0] == "F32"
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 8 + b"{}")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        read_header(tmp_path / "model.safetensors")
+
+
+def test_loaded_layers_are_tn(tmp_path):
+    _saved(tmp_path)
+    m = tn_hf.from_pretrained(tmp_path, model_class=Net)
+    assert isinstance(m.mid, TNLayer) and isinstance(m.rnn, TNLayer) and not isinstance(m.inp, TNLayer)
