@@ -8,6 +8,7 @@ import torch
 
 import tn_hf
 from tn_hf.cli import main
+from tn_hf.layers.base import TNLayer
 from tn_hf.report import CompressionReport
 from tn_hf.serialization import read_header
 
@@ -25,8 +26,8 @@ def compressed_dir(tmp_path_factory):
     """`tn-hf compress test_resnet --format tr --ratio 4 --targets ... --out DIR` (run once)."""
     out = tmp_path_factory.mktemp("cli") / "tn-resnet"
     torch.manual_seed(0)
-    assert main(["compress", "test_resnet", "--format", "tr", "--ratio", "4", "--targets", *TARGETS,
-                 "--out", str(out)]) == 0
+    assert main(["compress", "test_resnet", "--random-init", "--format", "tr", "--ratio", "4", "--targets",
+                 *TARGETS, "--out", str(out)]) == 0
     return out
 
 
@@ -102,6 +103,7 @@ def test_compress_from_hub_id_records_base_model(hub, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["compress", "no_such_model_xyz", "--ratio", "3", "--out", "o"], "unknown model"),
+    (["compress", "test_resnet", "--ratio", "3"], "--out is required (or --dry-run"),
     (["compress", "test_resnet", "--ratio", "1", "--out", "o"], "--ratio must be > 1"),
     (["compress", "test_resnet", "--ratio", "abc", "--out", "o"], "--ratio must be a number"),
     (["compress", "test_resnet", "--format", "cp", "--ratio", "3", "--out", "o"], "invalid choice"),
@@ -170,3 +172,51 @@ def test_inspect_transformers_checkpoint(tmp_path, capsys):
         assert r["tn_params"] == sum(p.numel() for p in layer.parameters())
         assert r["dense_params"] == layer.dense_params() and r["ranks"] == layer.ranks
     assert info.totals["model_params_tn"] == sum(v.numel() for v in model.state_dict().values())
+
+
+def test_timm_name_loads_pretrained_or_says_how_not_to(hub, tmp_path, capsys):
+    """Offline (the local Hub has no timm weights): a clear error with the way out, nothing written."""
+    out = tmp_path / "o"
+    assert main(["compress", "test_resnet", "--ratio", "3", "--out", str(out)]) == 2
+    err = _err_line(capsys)
+    assert "cannot load pretrained weights for timm model 'test_resnet'" in err and "--random-init" in err
+    assert not out.exists()
+    assert main(["compress", "test_resnet", "--random-init", "--ratio", "3", "--targets", "layer4.0.conv2",
+                 "--out", str(out)]) == 0
+    assert "Random weights" in (out / "README.md").read_text()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    import timm
+    from tn_hf.convert import compress, preview
+    capsys.readouterr()
+    assert main(["compress", "test_resnet", "--random-init", "--ratio", "3", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "dry run" in text and "TOTAL (model)" in text
+    assert list(tmp_path.iterdir()) == []
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", pretrained=False).eval()
+    planned = preview(model, tn_hf.TNConfig(compression_ratio=3))
+    assert not any(isinstance(m, TNLayer) for m in model.modules())  # nothing swapped
+    done = compress(model, tn_hf.TNConfig(compression_ratio=3), progress=False)
+    strip = lambda r: {k: r[k] for k in ("name", "dense_params", "tn_params", "ranks", "flops_dense", "flops_tn")}
+    assert [strip(r) for r in planned.rows] == [strip(r) for r in done.rows]
+    for r in planned.rows:
+        assert r["name"] in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"tn-hf {tn_hf.__version__}"
+
+
+def test_help_is_fast():
+    import subprocess
+    import time
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "tn_hf.cli", "--help"], capture_output=True, text=True, check=True)
+    assert "compress" in out.stdout
+    assert time.perf_counter() - t0 < 5  # no torch / transformers / timm import for --help
+    code = "import sys; from tn_hf.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

@@ -99,7 +99,8 @@ def test_card_without_report_uses_specs(timm_model, tmp_path):
     write_model_card(model, tmp_path, library_name="timm")
     text = (tmp_path / "README.md").read_text()
     meta = _card_meta(text)
-    assert "base_model" not in meta and "metrics" in meta
+    assert "base_model" not in meta and "metrics" not in meta  # no run results: no model-index metrics
+    assert meta["tn_hf"]["compression_ratio"] > 1 and meta["pipeline_tag"] == "image-classification"
     for row in report.rows:
         assert f"{row['dense_params']:,} | {row['tn_params']:,}" in text
     with pytest.raises(ValueError, match="library_name"):

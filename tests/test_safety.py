@@ -128,7 +128,8 @@ def test_cli_compress_out_keeps_other_files(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    assert main(["compress", "test_resnet", "--ratio", "3", "--targets", "layer4.0.conv2", "--out", str(out)]) == 0
+    assert main(["compress", "test_resnet", "--random-init", "--ratio", "3", "--targets", "layer4.0.conv2",
+                 "--out", str(out)]) == 0
     assert (out / "keep.txt").read_text() == "x" and (out / "model.safetensors").is_file()
 
 

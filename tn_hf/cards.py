@@ -85,6 +85,23 @@ def _format_of(model) -> str:
     return fmt
 
 
+# class-name suffix of a transformers model -> Hub pipeline tag
+_TASKS = (("ForVideoClassification", "video-classification"), ("ForImageClassification", "image-classification"),
+          ("ForCausalLM", "text-generation"), ("ForSequenceClassification", "text-classification"),
+          ("ForTokenClassification", "token-classification"), ("ForQuestionAnswering", "question-answering"),
+          ("ForAudioClassification", "audio-classification"), ("ForSpeechSeq2Seq", "automatic-speech-recognition"))
+METHODS = {"direct": "decomposed directly from the trained weights (TT/TR-SVD at the planned ranks)",
+           "admm": "trained with ADMM towards low tensor-network rank, then decomposed at those ranks (ADMM-TT)"}
+
+
+def pipeline_tag(model, library_name: str) -> str | None:
+    """The Hub pipeline tag: timm models classify images; transformers by the class name."""
+    if library_name == "timm":
+        return "image-classification"
+    name = type(model).__name__
+    return next((tag for suffix, tag in _TASKS if name.endswith(suffix)), None)
+
+
 def _load_snippet(library_name: str, repo_id: str, model) -> str:
     if library_name == "timm":
         return f'import timm\nmodel = timm.create_model("hf-hub:{repo_id}", pretrained=True)'
@@ -109,7 +126,8 @@ def _metric_entries(metrics: dict | None, totals: dict) -> dict[str, float]:
 
 
 def render_model_card(model, *, report=None, library_name: str, base_model: str | None = None,
-                      metrics: dict | None = None, dataset: str | None = None, repo_id: str | None = None):
+                      metrics: dict | None = None, dataset: str | None = None, repo_id: str | None = None,
+                      random_init: bool = False):
     """Return ``(ModelCard, report_dict)`` without writing anything."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -125,17 +143,19 @@ def render_model_card(model, *, report=None, library_name: str, base_model: str 
         if base_model and (Path(base_model).exists() or "/" not in base_model):
             base_model = None  # local path / bare name: not a Hub id
 
+    task = pipeline_tag(model, library_name)
+    measured = {k: v for k, v in values.items() if k not in ("compression_ratio", "flops_reduction")}
     eval_results = None
-    if dataset and values:
-        task = "image-classification" if library_name == "timm" else "other"
-        eval_results = [EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=k, metric_value=v)
-                        for k, v in values.items()]
+    if dataset and measured:  # model-index holds results of the run, not the compression ratio
+        eval_results = [EvalResult(task_type=task or "other", dataset_type=dataset, dataset_name=dataset,
+                                   metric_type=k, metric_value=v) for k, v in measured.items()]
     data = ModelCardData(
         library_name=library_name if library_name != "pytorch" else None,
+        pipeline_tag=task,
         base_model=base_model,
         tags=["tn_hf", FORMAT_TAG[fmt], "model-compression"] + (["pytorch"] if library_name == "pytorch" else []),
         datasets=[dataset] if dataset else None,
-        metrics=sorted(values) or None,
+        metrics=sorted(measured) or None,
         model_name=name if eval_results else None,
         eval_results=eval_results,
         **({"base_model_relation": "quantized"} if base_model else {}),
@@ -153,6 +173,23 @@ def render_model_card(model, *, report=None, library_name: str, base_model: str 
     return fmt
 
 
+# class-name suffix of a transformers model -> Hub pipeline tag
+_TASKS = (("ForVideoClassification", "video-classification"), ("ForImageClassification", "image-classification"),
+          ("ForCausalLM", "text-generation"), ("ForSequenceClassification", "text-classification"),
+          ("ForTokenClassification", "token-classification"), ("ForQuestionAnswering", "question-answering"),
+          ("ForAudioClassification", "audio-classification"), ("ForSpeechSeq2Seq", "automatic-speech-recognition"))
+METHODS = {"direct": "decomposed directly from the trained weights (TT/TR-SVD at the planned ranks)",
+           "admm": "trained with ADMM towards low tensor-network rank, then decomposed at those ranks (ADMM-TT)"}
+
+
+def pipeline_tag(model, library_name: str) -> str | None:
+    """The Hub pipeline tag: timm models classify images; transformers by the class name."""
+    if library_name == "timm":
+        return "image-classification"
+    name = type(model).__name__
+    return next((tag for suffix, tag in _TASKS if name.endswith(suffix)), None)
+
+
 def _load_snippet(library_name: str, repo_id: str, model) -> str:
     if library_name == "timm":
         return f'import timm\nmodel = timm.create_model("hf-hub:{repo_id}", pretrained=True)'
@@ -177,7 +214,8 @@ def _metric_entries(metrics: dict | None, totals: dict) -> dict[str, float]:
 
 
 def render_model_card(model, *, report=None, library_name: str, base_model: str | None = None,
-                      metrics: dict | None = None, dataset: str | None = None, repo_id: str | None = None):
+                      metrics: dict | None = None, dataset: str | None = None, repo_id: str | None = None,
+                      random_init: bool = False):
     """Return ``(ModelCard, report_dict)`` without writing anything."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -193,17 +231,19 @@ def render_model_card(model, *, report=None, library_name: str, base_model: str 
         if base_model and (Path(base_model).exists() or "/" not in base_model):
             base_model = None  # local path / bare name: not a Hub id
 
+    task = pipeline_tag(model, library_name)
+    measured = {k: v for k, v in values.items() if k not in ("compression_ratio", "flops_reduction")}
     eval_results = None
-    if dataset and values:
-        task = "image-classification" if library_name == "timm" else "other"
-        eval_results = [EvalResult(task_type=task, dataset_type=dataset, dataset_name=dataset, metric_type=k, metric_value=v)
-                        for k, v in values.items()]
+    if dataset and measured:  # model-index holds results of the run, not the compression ratio
+        eval_results = [EvalResult(task_type=task or "other", dataset_type=dataset, dataset_name=dataset,
+                                   metric_type=k, metric_value=v) for k, v in measured.items()]
     data = ModelCardData(
         library_name=library_name if library_name != "pytorch" else None,
+        pipeline_tag=task,
         base_model=base_model,
         tags=["tn_hf", FORMAT_TAG[fmt], "model-compression"] + (["pytorch"] if library_name == "pytorch" else []),
         datasets=[dataset] if dataset else None,
-        metrics=sorted(values) or None,
+        metrics=sorted(measured) or None,
         model_name=name if eval_results else None,
         eval_results=eval_results,
         **({"base_model_relation": "quantized"} if base_model else {}),
@@ -215,18 +255,20 @@ def render_model_card(model, *, report=None, library_name: str, base_model: str 
         flops_row = (f"| compressed layers (FLOPs per {totals.get('flops_per', 'sample')}) | "
                      f"{_fmt_int(totals['flops_dense'])} | {_fmt_int(totals['flops_tn'])} | "
                      f"{_fmt_ratio(totals['flops_dense'] / totals['flops_tn'])} |")
-    extra = {k: v for k, v in values.items() if k not in ("compression_ratio", "flops_reduction")}
     metrics_section = ""
-    if extra:
+    if measured:
         on = f" on `{dataset}`" if dataset else ""
-        metrics_section = f"\n## Results{on}\n\n" + "\n".join(f"- {k}: {v:.4g}" for k, v in extra.items()) + "\n"
+        metrics_section = f"\n## Results{on}\n\n" + "\n".join(f"- {k}: {v:.4g}" for k, v in measured.items()) + "\n"
+    if random_init:
+        metrics_section += ("\n> **Random weights.** This checkpoint was compressed from randomly initialised "
+                            "weights, not a trained model: it is for trying the format out, not for use.\n")
     layer_table = CompressionReport.from_dict(rep).to_markdown()
     cfg = getattr(model, "tn_hf_config", None)
     cfg_summary = ", ".join(f"{k}={v!r}" for k, v in (cfg or {}).items()
                             if k in ("format", "ranks", "compression_ratio", "rel_error", "max_rank") and v is not None)
     template = resources.files("tn_hf").joinpath("model_cards", TEMPLATE).read_text(encoding="utf-8")
     body = Template(template).substitute(
-        title=f"{name} ({FORMAT_LONG[fmt]}-compressed)",
+        title=f"{name} ({FORMAT_LONG[fmt]}-compressed)", method=METHODS[totals.get("method", "direct")],
         n_layers=len(rows), base_name=base_model or type(model).__name__, format_long=FORMAT_LONG[fmt],
         target_dense=_fmt_int(totals.get("target_params_dense")), target_tn=_fmt_int(totals.get("target_params_tn")),
         target_ratio=_fmt_ratio(totals.get("target_ratio")),
@@ -239,13 +281,14 @@ def render_model_card(model, *, report=None, library_name: str, base_model: str 
 
 
 def write_model_card(model, out_dir, *, report=None, library_name: str, base_model: str | None = None,
-                     metrics: dict | None = None, dataset: str | None = None, repo_id: str | None = None):
+                     metrics: dict | None = None, dataset: str | None = None, repo_id: str | None = None,
+                     random_init: bool = False):
     """Write ``README.md`` and ``compression.png`` into ``out_dir``; return the ``ModelCard``."""
     out = Path(out_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"write_model_card: {out} is not a directory")
     card, rep = render_model_card(model, report=report, library_name=library_name, base_model=base_model,
-                                  metrics=metrics, dataset=dataset, repo_id=repo_id)
+                                  metrics=metrics, dataset=dataset, repo_id=repo_id, random_init=random_init)
     plot_compression(rep["rows"], out / FIGURE)
     card.save(out / "README.md")
     (out / "tn_hf_report.json").write_text(json.dumps(rep, indent=2, default=str) + "\n", encoding="utf-8")

@@ -80,16 +80,24 @@ def _load_folder(folder: Path):
     raise UserError(f"{cfg_path} has neither 'architecture' (timm) nor 'model_type' (transformers)")
 
 
-def load_source(source: str, *, pretrained: bool = False):
-    """SOURCE -> (model, base_model_id or None)."""
+def load_source(source: str, *, random_init: bool = False):
+    """SOURCE -> (model, base_model_id or None). timm names load their pretrained weights unless
+    ``random_init``; a failed download is a UserError with the ways out."""
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_folder(path), None
     import timm
     if timm.is_model(source):
-        model = timm.create_model(source, pretrained=pretrained)
-        hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id") if pretrained else None
-        return model, hub_id or None
+        if random_init:
+            return timm.create_model(source, pretrained=False), None
+        try:
+            model = timm.create_model(source, pretrained=True)
+        except Exception as e:  # noqa: BLE001 - offline, no weights for this name, Hub errors
+            raise UserError(f"cannot load pretrained weights for timm model {source!r} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''}); offline? pass a local checkpoint "
+                            "folder, or --random-init to compress random weights (for trying things out)") from None
+        hub_id = (getattr(model, "pretrained_cfg", None) or {}).get("hf_hub_id")
+        return model, (f"timm/{hub_id}" if hub_id and "/" not in hub_id else hub_id) or None
     if path.exists():
         raise UserError(f"{source} is a file, not a model folder")
     if _looks_like_repo(source):
@@ -133,24 +141,31 @@ def inspect_checkpoint(target: str):
 
 # ----------------------------------------------------------------------------- commands
 def cmd_compress(args) -> int:
-    import tn_hf
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
+    from .config import TNConfig
+    if args.out is None and not args.dry_run:
+        raise UserError("--out is required (or --dry-run to print the plan only)")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     try:
-        cfg = tn_hf.TNConfig(format=args.format, compression_ratio=args.ratio,
-                             target_modules=args.targets or None, exclude_modules=args.exclude or None)
+        cfg = TNConfig(format=args.format, compression_ratio=args.ratio,
+                       target_modules=args.targets or None, exclude_modules=args.exclude or None)
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"loading {args.source} ...")
-    model, base = load_source(args.source, pretrained=args.pretrained)
+    model, base = load_source(args.source, random_init=args.random_init)
     model.eval()
+    from .convert import compress, preview
     try:
-        report = tn_hf.compress(model, cfg)
+        report = preview(model, cfg) if args.dry_run else compress(model, cfg)
     except ValueError as e:
         raise UserError(f"compress {args.source}: {e}") from None
     print(report)
-    tn_hf.save_pretrained(model, out, report=report, base_model=base)
+    if args.dry_run:
+        print("dry run: nothing decomposed or written")
+        return 0
+    from .hub import save_pretrained
+    save_pretrained(model, out, report=report, base_model=base, random_init=args.random_init)
     print(f"saved to {out}")
     return 0
 
@@ -191,7 +206,9 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
     p = _Parser(prog=PROG, description="Tensor-Train / Tensor-Ring compression for Hugging Face and timm models.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{compress,inspect,push,demo}",
                            parser_class=_Parser)
 
@@ -204,8 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--ratio", type=_ratio, required=True, help="compression ratio of the target layers (> 1)")
     c.add_argument("--targets", nargs="+", help="module names or regexes to compress (default: all eligible)")
     c.add_argument("--exclude", nargs="+", help="module names or regexes to leave dense")
-    c.add_argument("--pretrained", action="store_true", help="timm names: load pretrained weights (network)")
-    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--random-init", action="store_true",
+                   help="timm names: compress randomly initialised weights instead of the pretrained ones "
+                        "(for trying things out; the model card says so)")
+    c.add_argument("--pretrained", action="store_true", help=argparse.SUPPRESS)  # the default now
+    c.add_argument("--dry-run", action="store_true",
+                   help="print the per-layer plan (params, FLOPs, ranks) without decomposing or writing")
+    c.add_argument("--out", help="output folder (only the checkpoint's files are written into it)")
     c.set_defaults(func=cmd_compress)
 
     i = sub.add_parser("inspect", help="per-layer table of a tn_hf checkpoint (folder or Hub id)",

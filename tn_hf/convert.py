@@ -17,11 +17,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .layers import layer_from_spec
+from .decompositions import ranks_for_ratio
+from .layers import layer_from_spec, registry
 from .layers.base import TNLayer
 from .report import CompressionReport, flops, layer_row, probe, rel_error
 from .serialization import CheckpointError, check_specs
-from .targeting import as_config, is_transformers, n_params, plan
+from .targeting import as_config, is_transformers, leaf_specs, n_params, plan
 
 # "specs_changed": called with the model after compress / apply_specs; "decompressed": after decompress
 MODEL_HOOKS: dict[str, list[Callable[[nn.Module], None]]] = {"specs_changed": [], "decompressed": []}
@@ -66,13 +67,15 @@ def _note(row: dict, layer, config) -> str | None:
     return f"{row['ratio']:.2f}x, not {asked:g}x: ranks are capped by the tensor's shape"
 
 
-def compress(model: nn.Module, config, *, progress: bool = True) -> CompressionReport:
+def compress(model: nn.Module, config, *, progress: bool = True, method: str = "direct") -> CompressionReport:
     """Swap the planned targets of ``model`` in place for TN layers decomposed from their weights.
 
     Args:
         model: any ``nn.Module`` (timm, transformers, plain torch); changed in place.
         config: a ``TNConfig`` (or its dict).
         progress: show a progress bar.
+        method: how the weights were prepared, for the report and the model card: "direct"
+            (plain decomposition) or "admm" (``ADMMScheduler.compress`` passes it).
     Returns:
         the ``CompressionReport`` (also kept as ``model.tn_hf_report`` for the model card).
     """
@@ -102,9 +105,40 @@ def compress(model: nn.Module, config, *, progress: bool = True) -> CompressionR
     model.tn_hf_config = config.to_dict()
     _run_hooks("specs_changed", model)
     report = CompressionReport.build(rows, model_params_tn=n_params(model), requested_ratio=config.compression_ratio,
-                                     flops_per="sample" if probed else "position")
+                                     flops_per="sample" if probed else "position", method=method)
     model.tn_hf_report = report  # used by save_pretrained's model card
     return report
+
+
+def preview(model: nn.Module, config) -> CompressionReport:
+    """The per-layer plan of ``compress`` (params, ranks, FLOPs) without decomposing anything.
+
+    Layers are built on the meta device from the planned specs; recurrent layers planned at a ratio
+    get the ranks ``from_dense`` would pick."""
+    config = as_config(config)
+    if config.rel_error is not None:
+        raise ValueError("preview: TNConfig(rel_error=...) fixes the ranks only when decomposing; "
+                         "use ranks= or compression_ratio=")
+    targets = plan(model, config)
+    probed = probe(model, [t.name for t in targets])
+    rows = []
+    for t in targets:
+        spec = copy.deepcopy(t.spec)
+        for leaf in leaf_specs(t.cls, spec).values():  # recurrent at a ratio: what from_dense picks
+            if leaf.get("ranks") is None:
+                lcls = registry[leaf["class"]]
+                leaf["ranks"] = ranks_for_ratio(lcls._modes(leaf), config.compression_ratio, lcls.format)
+        with torch.device("meta"):
+            layer = layer_from_spec(spec)
+        fd, ft = flops(t.module, layer, probed.get(t.name))
+        row = layer_row(t.name, layer, spec, flops_dense=fd, flops_tn=ft)
+        row["dense_params"] = n_params(t.module)
+        row["ratio"] = row["dense_params"] / max(row["tn_params"], 1)
+        rows.append(row)
+    return CompressionReport.build(rows, model_params_tn=n_params(model) - sum(r["dense_params"] - r["tn_params"]
+                                                                                for r in rows),
+                                   requested_ratio=config.compression_ratio,
+                                   flops_per="sample" if probed else "position", dry_run=True)
 
 
 def apply_specs(model: nn.Module, specs: dict[str, dict], *, where: str = "checkpoint") -> nn.Module:
@@ -148,4 +182,4 @@ def decompress(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["compress", "decompress", "apply_specs", "is_transformers", "MODEL_HOOKS"]
+__all__ = ["compress", "preview", "decompress", "apply_specs", "is_transformers", "MODEL_HOOKS"]
