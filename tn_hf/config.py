@@ -30,6 +30,8 @@ class TNConfig:
     matches when ``re.fullmatch`` does, or when the name equals it or ends with ``.pattern``).
     """
 
+    quant_method = "tn_hf"  # not a field: lets transformers take a TNConfig as quantization_config
+
     format: str = "tt"
     ranks: int | list[int] | dict[str, Any] | None = None
     compression_ratio: float | None = None

@@ -199,10 +199,12 @@ def read_header(path) -> dict[str, tuple[str, tuple[int, ...]]]:
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 
 
-def _expected_entries(model: nn.Module) -> dict[str, list[str]]:
+def _expected_entries(model: nn.Module, skip: tuple[str, ...] = ()) -> dict[str, list[str]]:
     """{one state-dict name: every name sharing that tensor} (tied tensors are saved once)."""
     groups: dict[Any, list[str]] = {}
     for k, v in model.state_dict(keep_vars=True).items():
+        if skip and k.startswith(skip):
+            continue
         key = (id(v), tuple(v.shape)) if v.numel() else k
         groups.setdefault(key, []).append(k)
     return {names[0]: names for names in groups.values()}
@@ -211,10 +213,11 @@ def _expected_entries(model: nn.Module) -> dict[str, list[str]]:
 _CORE = re.compile(r"(^|\.)cores\.\d+$")
 
 
-def check_against_header(model: nn.Module, header: dict, path) -> None:
-    """Names, shapes and dtypes of ``model``'s state dict (may be on meta) against the file's header."""
-    state = model.state_dict(keep_vars=True)
-    groups = _expected_entries(model)
+def check_against_header(model: nn.Module, header: dict, path, *, skip: tuple[str, ...] = ()) -> None:
+    """Names, shapes and dtypes of ``model``'s state dict (may be on meta) against the file's header
+    (state-dict names starting with a prefix in ``skip`` are left out)."""
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if not (skip and k.startswith(skip))}
+    groups = _expected_entries(model, skip)
     missing = [names[0] for names in groups.values() if not any(n in header for n in names)]
     unexpected = sorted(set(header) - set(state))
     if missing or unexpected:
@@ -387,24 +390,31 @@ def write_weights(model: nn.Module, path) -> None:
     save_model(model, str(path))  # de-duplicates shared tensors
 
 
-def load_weights(model: nn.Module, path, header: dict | None = None) -> None:
+def load_weights(model: nn.Module, path, header: dict | None = None, *, skip: tuple[str, ...] = ()) -> None:
     """Strictly load ``path`` into ``model`` after checking it against the header; modules still on
-    the meta device (empty TN layers) are allocated only after the check."""
+    the meta device (empty TN layers) are allocated only after the check. Tensors of the modules
+    named in ``skip`` (a re-initialised head) are neither checked nor loaded."""
     from safetensors.torch import load_file
     path = Path(path)
     header = read_header(path) if header is None else header
-    check_against_header(model, header, path)
+    inside = tuple(f"{m}." for m in skip)
+    header = {k: v for k, v in header.items() if not k.startswith(inside)}
+    check_against_header(model, header, path, skip=inside)
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - any read failure is a corrupt file here
         raise CheckpointError(f"cannot read weights file {path} (corrupt or truncated safetensors?): {e}") from e
+    state = {k: v for k, v in state.items() if k in header}
     warn_non_finite(state, path)
     for first, names in _expected_entries(model).items():
-        src = next(n for n in names if n in state)
-        for n in names:
+        src = next((n for n in names if n in state), None)
+        for n in names if src else ():
             state.setdefault(n, state[src])
     materialize(model)
-    model.load_state_dict(state, strict=True)
+    result = model.load_state_dict(state, strict=not skip)
+    if skip and (result.unexpected_keys or [k for k in result.missing_keys if not k.startswith(inside)]):
+        raise CheckpointError(f"weights file {path}: unexpected {result.unexpected_keys[:10]}, "
+                              f"missing {result.missing_keys[:10]}")
 
 
 def materialize(model: nn.Module, device=None) -> None:

@@ -47,12 +47,26 @@ def _tn_checkpoint(pretrained_cfg: dict, cache_dir=None):
     return meta, cfg_path, weights
 
 
-def load_tn_checkpoint(model, meta: S.TNMetadata, cfg_path, weights) -> None:
-    """Empty TN layers from the specs (meta device), header check, then a strict load."""
+def load_tn_checkpoint(model, meta: S.TNMetadata, cfg_path, weights, num_classes=None) -> None:
+    """Empty TN layers from the specs (meta device), header check, then a strict load. When the
+    model was built for another ``num_classes`` than the checkpoint's, its classifier keeps its fresh
+    initialisation (as timm does for its own checkpoints)."""
     header = S.read_header(weights)
-    apply_specs(model, meta.specs, where=str(cfg_path))
+    saved = S.read_json(cfg_path)
+    head = ()
+    if num_classes is not None and saved.get("num_classes") not in (None, num_classes):
+        cls = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or \
+            (saved.get("pretrained_cfg") or {}).get("classifier")
+        head = tuple([cls] if isinstance(cls, str) else cls or ())
+        if not head:
+            raise S.CheckpointError(f"{cfg_path}: num_classes={num_classes} differs from the checkpoint's "
+                                    f"{saved['num_classes']} and the model names no classifier to re-initialise")
+    specs = {n: s for n, s in meta.specs.items() if n not in head}
+    if specs:
+        apply_specs(model, specs, where=str(cfg_path))
+    model.tn_hf_specs = specs
     model.tn_hf_config = meta.config
-    S.load_weights(model, weights, header)
+    S.load_weights(model, weights, header, skip=head)
 
 
 def _make_wrapper(original):
@@ -62,7 +76,8 @@ def _make_wrapper(original):
         found = _tn_checkpoint(cfg, cache_dir)
         if found is None:
             return original(model, pretrained_cfg, *args, cache_dir=cache_dir, **kwargs)
-        load_tn_checkpoint(model, *found)
+        num_classes = args[0] if args else kwargs.get("num_classes")
+        load_tn_checkpoint(model, *found, num_classes=num_classes)
 
     load_pretrained.__wrapped__ = original
     load_pretrained._tn_hf = True

@@ -8,6 +8,10 @@ the safetensors headers transformers passes in (names, shapes, dtypes: a missing
 key raises, where transformers alone only warns), then swaps the named modules for empty TN
 layers that transformers fills.
 
+Compress while loading, the way other quantization methods work:
+``AutoModel*.from_pretrained(dense_id, quantization_config=TNConfig(...))`` loads the dense weights
+and decomposes the targets (direct decomposition) before returning the model.
+
 Without ``import tn_hf`` transformers does not know the method, warns and loads random
 weights: always ``import tn_hf`` first.
 """
@@ -21,7 +25,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import serialization as S
-from ..convert import MODEL_HOOKS, apply_specs, decompress
+from ..convert import MODEL_HOOKS, apply_specs, compress, decompress
 
 QUANT_METHOD = "tn_hf"
 
@@ -56,11 +60,14 @@ class TNQuantizationConfig(QuantizationConfigMixin):
 
 @register_quantizer(QUANT_METHOD)
 class TNQuantizer(HfQuantizer):
-    """Checks the checkpoint, swaps modules for empty TN layers before weight loading."""
+    """Loads tn_hf checkpoints (checks them, swaps modules for empty TN layers before weight loading)
+    and compresses dense checkpoints while loading (``quantization_config=TNConfig(...)``)."""
 
-    requires_calibration = True  # only pre-compressed checkpoints: compress with tn_hf.compress()
+    requires_calibration = False
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if not self.pre_quantized:  # a dense checkpoint: it loads as usual, then is compressed
+            return model
         where = "config.json quantization_config"
         apply_specs(model, self.quantization_config.specs, where=where)
         model.tn_hf_config = self.quantization_config.metadata.config
@@ -74,6 +81,9 @@ class TNQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        if not self.pre_quantized:
+            compress(model, self.quantization_config, progress=False)
+            return model
         bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
         if bad:
             import warnings

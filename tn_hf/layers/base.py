@@ -100,7 +100,15 @@ def decompose(tensor: torch.Tensor, fmt: str, *, ranks=None, max_rank=None, rel_
         ranks = normalize_ranks(ranks, modes, fmt, where)
     if ranks is None and max_rank is None and rel_error is None:
         raise ValueError(f"{where}: give one of ranks, max_rank, rel_error, compression_ratio")
-    return svd(tensor, ranks=ranks, max_rank=max_rank, rel_error=rel_error)
+    cores = svd(tensor, ranks=ranks, max_rank=max_rank, rel_error=rel_error)
+    if fmt == "tt" and ranks is None:  # error-driven sweeps can leave a rank above what a neighbour
+        got = [cores[0].shape[0]] + [c.shape[-1] for c in cores]  # allows (size-1 modes: 1x1 kernels)
+        tight = list(got)
+        for k in range(len(modes) - 1, 0, -1):
+            tight[k] = min(tight[k], tight[k + 1] * modes[k])
+        if tight != got:  # same unfoldings, so the same error at the tight ranks
+            cores = svd(tensor, ranks=tight)
+    return cores
 
 
 class TNLayer(nn.Module):
