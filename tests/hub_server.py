@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 _API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)"
                   r"(?:/(?P<action>revision|preupload|commit|tree|discussions)(?:/(?P<rev>[^/]+))?(?P<rest>/.*)?)?$")
+_RANGE = re.compile(r"^bytes=(\d+)-(\d+)$")
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
 
@@ -51,6 +52,7 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.auth = "ok"
         self.requests: list[tuple[str, str]] = []   # (method, path) log, for assertions
+        self.bytes_served: dict[str, int] = {}       # file path -> body bytes sent (ranges included)
         self.lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
 
@@ -245,5 +247,13 @@ class _Handler(BaseHTTPRequestHandler):
         if data is None:
             return self._error(404, "EntryNotFound", f"{m['path']} does not exist on {m['rev']}", head=head)
         etag = f'"{_git_blob_sha(data)}"'
-        return self._reply(200, data, {"X-Repo-Commit": sha, "ETag": etag}, head=head,
-                           ctype="application/octet-stream")
+        headers = {"X-Repo-Commit": sha, "ETag": etag, "Accept-Ranges": "bytes"}
+        status, rng = 200, _RANGE.match(self.headers.get("Range") or "")
+        if rng:  # "bytes=a-b": the Hub client reads safetensors headers this way
+            a, b = int(rng[1]), min(int(rng[2]), len(data) - 1)
+            headers["Content-Range"] = f"bytes {a}-{b}/{len(data)}"
+            status, data = 206, data[a:b + 1]
+        if not head:
+            key = f"{m['repo']}/{m['path']}"
+            self.hub.bytes_served[key] = self.hub.bytes_served.get(key, 0) + len(data)
+        return self._reply(status, data, headers, head=head, ctype="application/octet-stream")

@@ -73,6 +73,11 @@ def test_push_then_inspect_repo(compressed_dir, hub, capsys):
     assert main(["inspect", "org/cli-resnet"]) == 0
     out = capsys.readouterr()
     assert all(name in out.out for name in TARGETS), out
+    weights = (compressed_dir / "model.safetensors").stat().st_size
+    assert hub.bytes_served["org/cli-resnet/model.safetensors"] < weights / 4  # the header only
+    from tn_hf.cli import inspect_checkpoint
+    local = str(inspect_checkpoint(str(compressed_dir)))
+    assert local in out.out  # the same table as from the folder
     assert main(["inspect", "org/missing-repo"]) == 2
     assert "no Hub repo" in _err_line(capsys)
     hub.auth = "401"

@@ -121,11 +121,13 @@ def inspect_checkpoint(target: str):
     from .report import CompressionReport
     from .serialization import TNMetadata, read_header
     folder = Path(target).expanduser()
+    header = None
     if not folder.is_dir():
         if folder.exists() or not _looks_like_repo(target):
             raise UserError(f"{target} is not a checkpoint folder or a Hub id 'org/name'")
-        folder = _download(target, ["config.json", "model.safetensors"])
-    for name in ("config.json", "model.safetensors"):
+        folder = _download(target, ["config.json"])
+        header = _hub_header(target)
+    for name in ("config.json",) + (("model.safetensors",) if header is None else ()):
         if not (folder / name).is_file():
             raise UserError(f"{folder} has no {name} (not a tn_hf checkpoint)")
     cfg = _read_json(folder / "config.json")
@@ -136,7 +138,21 @@ def inspect_checkpoint(target: str):
     if block is None:
         raise UserError(f"{folder / 'config.json'} has no TN metadata: not a tn_hf checkpoint")
     meta = TNMetadata.from_dict(block, str(folder / "config.json"))
-    return CompressionReport.from_checkpoint(meta.specs, meta.config, read_header(folder / "model.safetensors"))
+    if header is None:
+        header = read_header(folder / "model.safetensors")
+    return CompressionReport.from_checkpoint(meta.specs, meta.config, header)
+
+
+def _hub_header(repo_id: str) -> dict:
+    """{tensor: (dtype, shape)} of a Hub repo's safetensors weights, read with range requests (the
+    header only, not the tensors)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import NotASafetensorsRepoError
+    try:
+        meta = HfApi().get_safetensors_metadata(repo_id)
+    except NotASafetensorsRepoError:
+        raise UserError(f"Hub repo {repo_id!r} has no model.safetensors") from None
+    return {k: (t.dtype, tuple(t.shape)) for f in meta.files_metadata.values() for k, t in f.tensors.items()}
 
 
 # ----------------------------------------------------------------------------- commands
