@@ -57,8 +57,8 @@ def save_pretrained(model: nn.Module, save_directory, *, model_args: dict | None
     kind = _kind(model)
     if kind == "torch":
         cls = type(model)
-        if model_args is None:
-            model_args = getattr(model, "tn_hf_model_args", None)
+        if model_args is None:  # PyTorchModelHubMixin records the constructor's arguments
+            model_args = getattr(model, "tn_hf_model_args", None) or getattr(model, "_hub_mixin_config", None)
         try:
             json.dumps(model_args)
         except TypeError as e:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import TNConfig
 from .decompositions import allocate_ranks
-from .layers import layer_type, registry, tn_class_for
+from .layers import SUPPORTED_TYPES, layer_type, registry, tn_class_for
 from .layers.base import normalize_ranks
 
 logger = logging.getLogger(__name__)
@@ -189,6 +189,12 @@ def plan(model: nn.Module, config) -> list[Target]:
             _normalize_spec_ranks(cls, spec)
         targets.append(Target(name, module, cls, spec))
 
+    if explicit and not targets:
+        types = sorted({type(m).__name__ for n, m in model.named_modules()
+                        if any(_matches_one(n, p) for p in explicit)})
+        raise ValueError(f"target_modules {explicit} match only modules of types {types}, none of which can be "
+                         f"compressed; supported types: {list(SUPPORTED_TYPES)} (layer_types={config.layer_types})"
+                         + ("; transformers' Conv1D (GPT-2 style) is not supported yet" if "Conv1D" in types else ""))
     if config.compression_ratio is not None and targets:
         _allocate(model, targets, config)
     return targets
