@@ -3,7 +3,7 @@
 Random-init timm resnet18 (no download). Layout as the TN layers use it: conv weights
 (out, in, kh, kw) -> modes (out factors..., kh*kw, in factors...); linear (out, in) -> paired
 modes (out_k * in_k). Ranks: one int rank per layer for ~3.5x compression (ranks_for_ratio).
-Writes benchmarks/results/decompose.md.  Usage: python benchmarks/decompose.py [--quick]
+Writes benchmarks/results/decompose.{json,md}.  Usage: python benchmarks/decompose.py [--quick]
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from tensorly.decomposition import tensor_ring, tensor_train
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from _results import RESULTS, write  # noqa: E402
 
 from tn_hf.decompositions import (auto_modes, factorize, ranks_for_ratio, tn_params, tr_svd, tr_to_full,
                                   tt_project, tt_svd, tt_to_full)
@@ -61,7 +63,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="first 6 layers, 1 repeat")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "decompose.md"))
+    ap.add_argument("--out", default=str(RESULTS), help="results folder")
     args = ap.parse_args()
     torch.manual_seed(0)
     tl.set_backend("pytorch")
@@ -119,8 +121,7 @@ def main():
         "",
         "Random-init weights have flat spectra (errors near 1 - 1/ratio); fine for timing.",
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    write("decompose", {"ratio": RATIO, "repeats": repeats, "rows": rows, "totals": tot}, "\n".join(lines), args.out)
     print("\n".join(lines))
 
 

@@ -305,3 +305,20 @@ def test_loaded_layers_are_tn(tmp_path):
     _saved(tmp_path)
     m = tn_hf.from_pretrained(tmp_path, model_class=Net)
     assert isinstance(m.mid, TNLayer) and isinstance(m.rnn, TNLayer) and not isinstance(m.inp, TNLayer)
+
+
+# ----------------------------------------------------------------------------- 8. clear errors
+@pytest.mark.parametrize("cfg, match", [
+    (dict(ranks={"mid": [1, 2, 3, 1]}), r"module 'mid' \(Linear\).*need a list of length 3"),
+    (dict(ranks={"mid": [1, 500, 1]}), r"module 'mid' \(Linear\).*exceeds the largest possible rank.*valid ranks"),
+    (dict(ranks=4, target_modules=["nope"]), r"'nope' matches no module.*candidate module names.*'mid'"),
+    (dict(format="tr", ranks={"mid": [2, 3, 4]}), r"module 'mid' \(Linear\).*ring rank"),
+])
+def test_bad_config_errors_name_module_and_choices(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        tn_hf.compress(Net(), tn_hf.TNConfig(**cfg), progress=False)
+
+
+def test_bad_format_names_choices():
+    with pytest.raises(ValueError, match=r"format='cp'.*valid choices"):
+        tn_hf.TNConfig(format="cp", ranks=4)

@@ -90,7 +90,10 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
     rows = []
     for t in tqdm(targets, desc="tn_hf compress", disable=not progress):
         dense = {k: v.detach().clone() for k, v in t.cls.dense_weights(t.module).items()}
-        layer = _decompose(t, config)
+        try:
+            layer = _decompose(t, config)
+        except ValueError as e:
+            raise ValueError(f"module {t.name!r} ({type(t.module).__name__}): {e}") from None
         model.set_submodule(t.name, layer)
         specs[t.name] = layer.spec()
         fd, ft = flops(t.module, layer, probed.get(t.name))

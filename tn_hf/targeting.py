@@ -184,9 +184,12 @@ def plan(model: nn.Module, config) -> list[Target]:
         elif config.ranks is not None:
             ranks = config.ranks
         kw = {"compress_hidden": config.compress_hidden} if cls.composite else {}
-        spec = cls.dense_spec(module, ranks=ranks, n_modes=config.n_modes, **kw)
-        if ranks is not None:
-            _normalize_spec_ranks(cls, spec)
+        try:
+            spec = cls.dense_spec(module, ranks=ranks, n_modes=config.n_modes, **kw)
+            if ranks is not None:
+                _normalize_spec_ranks(cls, spec)
+        except ValueError as e:
+            raise ValueError(f"module {name!r} ({type(module).__name__}): {e}") from None
         targets.append(Target(name, module, cls, spec))
 
     if explicit and not targets:
