@@ -271,6 +271,21 @@ def test_hostile_timm_checkpoint_fails_before_allocation(tmp_path):
     assert _peak_rss_mb() - rss < 200
 
 
+def test_hostile_timm_model_args_fail_before_allocation(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("test_resnet", pretrained=False)
+    tn_hf.compress(model, tn_hf.TNConfig(ranks=4, min_params=1000), progress=False)
+    tn_hf.save_pretrained(model, tmp_path)
+    _edit_config(tmp_path, lambda c: c["model_args"].update(num_classes=10 ** 9))
+    rss = _peak_rss_mb()
+    with pytest.raises(ValueError, match=r"fc.weight: file \(1000, 96\) vs model \(1000000000, 96\)"):
+        tn_hf.from_pretrained(tmp_path)
+    assert _peak_rss_mb() - rss < 200
+    _edit_config(tmp_path, lambda c: c.update(architecture="os.system"))
+    with pytest.raises(ValueError, match="'os.system' is not a timm model name"):
+        tn_hf.from_pretrained(tmp_path)
+
+
 def test_newer_format_and_unknown_keys(tmp_path):
     _saved(tmp_path)
     _edit_config(tmp_path, lambda c: c["tn_hf"].update(format_version=99))

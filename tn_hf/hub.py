@@ -158,8 +158,29 @@ def from_pretrained(path_or_repo, *, model_class: type | None = None, trust_remo
                                 "quant_method 'tn_hf'): not a tn_hf checkpoint")
     if "architecture" in cfg:
         import timm
+        _dry_run_timm(local, cfg, kwargs)
         return timm.create_model(f"local-dir:{local}", pretrained=True, **kwargs)
     return _load_torch(local, cfg, model_class, trust_remote_code, kwargs)
+
+
+def _dry_run_timm(local: Path, cfg: dict, kwargs: dict) -> None:
+    """Build the timm model on the meta device from config.json and check it, specs applied, against
+    the safetensors header: a hostile config (huge num_classes, ranks) fails before timm allocates."""
+    import timm
+    if not isinstance(cfg.get("architecture"), str) or not timm.is_model(cfg["architecture"]):
+        raise S.CheckpointError(f"{local / S.CONFIG_NAME}: architecture {cfg.get('architecture')!r} is not a "
+                                "timm model name")
+    args = dict(cfg.get("model_args") or {}, **kwargs)
+    if "num_classes" in kwargs and kwargs["num_classes"] != cfg.get("num_classes"):
+        return  # a new head: timm re-initialises it, nothing to compare
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(cfg["architecture"], pretrained=False, **args)
+    except Exception:  # noqa: BLE001 - arguments only timm's own loader understands: it checks them itself
+        return
+    meta = S.TNMetadata.from_dict(cfg["tn_hf"], str(local / S.CONFIG_NAME))
+    apply_specs(probe, meta.specs, where=str(local / S.CONFIG_NAME))
+    S.check_against_header(probe, S.read_header(local / S.WEIGHTS_NAME), local / S.WEIGHTS_NAME)
 
 
 def _load_transformers(local: Path, cfg: dict, model_class, kwargs) -> nn.Module:
