@@ -66,11 +66,11 @@ def test_hf_hub_sources(tmp_path, hub):
         _close(tn_hf.from_pretrained("org/tn-resnet").eval()(x), y)
     tf_model, cls, inputs, _ = _tf_compressed("vivit")
     tn_hf.save_pretrained(tf_model, tmp_path / "vivit")
-    create_repo("org/tn-vivit")
-    upload_folder(folder_path=str(tmp_path / "vivit"), repo_id="org/tn-vivit")
+    create_repo("org/tn-vivit-src")
+    upload_folder(folder_path=str(tmp_path / "vivit"), repo_id="org/tn-vivit-src")
     y = _out(tf_model, inputs)
-    _close(_out(cls.from_pretrained("org/tn-vivit"), inputs), y)
-    _close(_out(tn_hf.from_pretrained("org/tn-vivit"), inputs), y)
+    _close(_out(cls.from_pretrained("org/tn-vivit-src"), inputs), y)
+    _close(_out(tn_hf.from_pretrained("org/tn-vivit-src"), inputs), y)
 
 
 def test_timm_plain_checkpoint_still_loads(tmp_path):
