@@ -11,6 +11,8 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
 from .report import CompressionReport
 
 TEMPLATE = "model_card.md"
@@ -129,8 +131,6 @@ def render_model_card(model, *, report=None, library_name: str, base_model: str 
                       metrics: dict | None = None, dataset: str | None = None, repo_id: str | None = None,
                       random_init: bool = False):
     """Return ``(ModelCard, report_dict)`` without writing anything."""
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
-
     if library_name not in LIBRARIES:
         raise ValueError(f"write_model_card: library_name={library_name!r}; valid choices are {LIBRARIES}")
     rep = _as_report_dict(model, report)

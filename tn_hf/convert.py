@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .decompositions import ranks_for_ratio
 from .layers import layer_from_spec, registry
@@ -79,7 +80,6 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
     Returns:
         the ``CompressionReport`` (also kept as ``model.tn_hf_report`` for the model card).
     """
-    from tqdm.auto import tqdm
     config = as_config(config)
     targets = plan(model, config)
     if not targets:

@@ -6,7 +6,7 @@ import tempfile
 from pathlib import Path
 
 from .cards import FIGURE, PLACEHOLDER
-from .hub import is_repo_id
+from .hub import is_repo_id, save_pretrained
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, read_json
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,6 @@ def push_to_hub(model, repo_id: str, *, private: bool = False, token: str | None
                 raise ValueError("push_to_hub: metrics/dataset/base_model re-render the card and need the "
                                  "model, not a folder; pass the model or save the folder with them")
         else:
-            from .hub import save_pretrained
             folder = Path(tmp) / "checkpoint"
             save_pretrained(model, folder, metrics=metrics, dataset=dataset, base_model=base_model, repo_id=repo_id)
         names = checkpoint_files(folder)

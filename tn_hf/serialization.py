@@ -35,9 +35,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 from ._version import __version__
+from .layers import registry, tn_class_for
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -114,7 +117,6 @@ def _is_int(v) -> bool:
 
 def _check_spec_data(name: str, spec, where: str, depth: int = 0) -> None:
     """Types only: a dict with a known class, int ranks/factors in range, nested specs alike."""
-    from .layers import registry
     if not isinstance(spec, dict):
         raise CheckpointError(f"{where}: spec of module {name!r} must be an object, got {type(spec).__name__}")
     cls = spec.get("class")
@@ -154,7 +156,6 @@ def _interface(obj, keys) -> dict:
 
 def check_specs(model: nn.Module, specs, where: str = "checkpoint") -> None:
     """Every spec is well-formed data and fits the module it replaces (no allocation)."""
-    from .layers import tn_class_for
     if not isinstance(specs, dict) or not specs:
         raise CheckpointError(f"{where}: 'specs' must be a non-empty object {{module name: spec}}")
     modules = dict(model.named_modules())
@@ -185,7 +186,6 @@ def check_specs(model: nn.Module, specs, where: str = "checkpoint") -> None:
 # ----------------------------------------------------------------------------- safetensors header
 def read_header(path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (dtype, shape)} from a safetensors file's header, without reading tensor data."""
-    from safetensors import SafetensorError, safe_open
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
@@ -386,7 +386,6 @@ def read_json(path, what: str = CONFIG_NAME) -> dict:
 
 # ----------------------------------------------------------------------------- weights
 def write_weights(model: nn.Module, path) -> None:
-    from safetensors.torch import save_model
     save_model(model, str(path))  # de-duplicates shared tensors
 
 
@@ -394,7 +393,6 @@ def load_weights(model: nn.Module, path, header: dict | None = None, *, skip: tu
     """Strictly load ``path`` into ``model`` after checking it against the header; modules still on
     the meta device (empty TN layers) are allocated only after the check. Tensors of the modules
     named in ``skip`` (a re-initialised head) are neither checked nor loaded."""
-    from safetensors.torch import load_file
     path = Path(path)
     header = read_header(path) if header is None else header
     inside = tuple(f"{m}." for m in skip)

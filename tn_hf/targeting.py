@@ -25,6 +25,7 @@ from .config import TNConfig
 from .decompositions import allocate_ranks
 from .layers import SUPPORTED_TYPES, layer_type, registry, tn_class_for
 from .layers.base import normalize_ranks
+from .report import positions
 
 logger = logging.getLogger(__name__)
 _HEAD_NAMES = ("classifier", "head", "heads", "lm_head", "score")
@@ -219,7 +220,6 @@ def _normalize_spec_ranks(cls, spec: dict) -> None:
 
 def _allocate(model, targets: list[Target], config: TNConfig) -> None:
     """Joint rank allocation (decompositions.allocate_ranks) over the tensorized weights."""
-    from .report import positions
     tensors, fpp = {}, {}
     pos = positions(model, [t.name for t in targets]) if config.budget == "flops" else {}
     for t in targets:

@@ -17,6 +17,7 @@ weights: always ``import tn_hf`` first.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -86,7 +87,6 @@ class TNQuantizer(HfQuantizer):
             return model
         bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
         if bad:
-            import warnings
             warnings.warn(f"tn_hf: parameters with NaN/Inf values after loading: {bad[:10]}", stacklevel=2)
         return model
 
