@@ -189,7 +189,10 @@ def plan(model: nn.Module, config) -> list[Target]:
             _normalize_spec_ranks(cls, spec)
         targets.append(Target(name, module, cls, spec))
 
-    if config.compression_ratio is not None and targets:
+    if config.format == "tucker":  # per-layer ranks / ADA reshaping / shared core (layers.tucker)
+        from .layers.tucker import plan_tucker
+        plan_tucker(targets, config)
+    elif config.compression_ratio is not None and targets:
         _allocate(model, targets, config)
     return targets
 

@@ -1,0 +1,227 @@
+"""Tucker format: ST-HOSVD, projection, layers (both forward paths), compress, save/load, ADA, SCADA."""
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import tn_hf
+from tn_hf.decompositions import (project, tucker_params, tucker_project, tucker_ranks, tucker_ranks_for_ratio,
+                                  tucker_svd, tucker_to_full)
+from tn_hf.layers import (TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerGRU, TuckerLinear, TuckerLSTM,
+                          layer_from_spec, tn_class_for)
+from tn_hf.layers.base import TNLayer
+
+
+def _close(a, b, tol=1e-10):
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def _random_tucker(shape, ranks, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    core = torch.randn(*ranks, generator=g, dtype=dtype)
+    return tucker_to_full(core, [torch.randn(n, r, generator=g, dtype=dtype) for n, r in zip(shape, ranks)])
+
+
+# ----------------------------------------------------------------------------- decompositions
+def test_st_hosvd_exact_at_true_ranks_and_orthonormal_factors():
+    x = _random_tucker((8, 9, 10), (3, 4, 5))
+    core, factors = tucker_svd(x, ranks=[3, 4, 5])
+    assert core.shape == (3, 4, 5) and [tuple(u.shape) for u in factors] == [(8, 3), (9, 4), (10, 5)]
+    _close(tucker_to_full(core, factors), x, 1e-9)
+    for u in factors:
+        _close(u.T @ u, torch.eye(u.shape[1], dtype=u.dtype), 1e-10)
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2, 0.5])
+def test_st_hosvd_error_bound_and_rank_shrinks(eps):
+    x = torch.randn(12, 10, 14, dtype=torch.float64) + 3 * _random_tucker((12, 10, 14), (2, 2, 2), seed=1)
+    core, factors = tucker_svd(x, rel_error=eps)
+    err = float((tucker_to_full(core, factors) - x).norm() / x.norm())
+    assert err <= eps + 1e-9
+    if eps >= 0.2:
+        assert tucker_params(x.shape, list(core.shape)) < x.numel()
+
+
+def test_max_rank_caps_and_projection_idempotent_and_best_matrix_case():
+    x = torch.randn(6, 7, 8, dtype=torch.float64)
+    core, _ = tucker_svd(x, max_rank=4)
+    assert max(core.shape) <= 4
+    p = tucker_project(x, [3, 4, 5])
+    _close(tucker_project(p, [3, 4, 5]), p, 1e-9)
+    assert float((x - p).norm()) < float(x.norm())
+    # order 2: Tucker projection = truncated SVD (Eckart-Young)
+    m = torch.randn(20, 15, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    _close(tucker_project(m, [4, 4]), (u[:, :4] * s[:4]) @ vh[:4], 1e-9)
+
+
+def test_project_dispatch_matches_each_format():
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    from tn_hf.decompositions import tr_project, tt_project
+    _close(project(x, [2, 3, 2], "tucker"), tucker_project(x, [2, 3, 2]))
+    _close(project(x, [1, 2, 2, 1], "tt"), tt_project(x, [1, 2, 2, 1]))
+    _close(project(x, [2, 2, 2, 2], "tr"), tr_project(x, [2, 2, 2, 2]))
+    with pytest.raises(ValueError, match="valid"):
+        project(x, 2, "cp")
+
+
+def test_rank_normalisation_and_errors():
+    assert tucker_ranks([4, 5, 100], 10) == [4, 5, 10]
+    assert tucker_ranks([3, 50], 10) == [3, 3]  # r_k <= product of the other ranks
+    with pytest.raises(ValueError, match="not attainable"):
+        tucker_ranks([4, 5, 6], [5, 2, 2])
+    with pytest.raises(ValueError, match="3 ints"):
+        tucker_ranks([4, 5, 6], [2, 2])
+    with pytest.raises(ValueError, match="exactly one"):
+        tucker_svd(torch.randn(3, 4), ranks=2, rel_error=0.1)
+
+
+@pytest.mark.parametrize("data", [False, True])
+def test_ranks_for_ratio_meet_budget(data):
+    shape = (16, 12, 9, 20)
+    t = torch.randn(shape) if data else None
+    for ratio in (5, 40, 300):
+        r = tucker_ranks_for_ratio(shape, ratio, t)
+        assert tucker_ranks(shape, r) == r
+        assert tucker_params(shape, r) <= math.prod(shape) / ratio or r == [1] * 4
+
+
+def test_ranks_for_ratio_follows_the_spectrum():
+    # multilinear ranks (4, 2, 2): the greedy gives mode 0 its 4 and the rest to modes 1, 2
+    x = _random_tucker((40, 6, 6), (4, 2, 2), dtype=torch.float32)
+    r = tucker_ranks_for_ratio(x.shape, 6, x)
+    assert r[0] == 4 and r[1] >= 2 and r[2] >= 2 and tucker_params(x.shape, r) <= x.numel() / 6
+    assert float((tucker_project(x, r) - x).norm() / x.norm()) < 1e-5
+
+
+# ----------------------------------------------------------------------------- layers
+def _conv(dim, **kw):
+    cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dim]
+    return cls(12, 16, 3, **kw).double()
+
+
+def _input(dim, b=2):
+    return torch.randn(b, 12, *([7] * dim), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("ranks", [3, [4, 5, 3, 6]])
+def test_linear_both_paths_equal_float64(ranks):
+    torch.manual_seed(0)
+    lin = nn.Linear(36, 20).double()
+    layer = TuckerLinear.from_dense(lin, ranks=ranks, in_factors=[6, 6], out_factors=[4, 5])
+    x = torch.randn(3, 5, 36, dtype=torch.float64)
+    dense = F.linear(x, layer.weight, layer.bias)
+    _close(layer._contract(x.reshape(-1, 36)).reshape(3, 5, 20) + layer.bias, dense)
+    _close(layer(x), dense)
+    full = TuckerLinear.from_dense(lin, ranks=[4, 5, 6, 6], in_factors=[6, 6], out_factors=[4, 5])
+    _close(full(x), lin(x))  # full ranks: exact
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("kw", [dict(stride=2, padding=1), dict(padding="same", padding_mode="reflect", dilation=2)])
+def test_conv_both_paths_equal_float64(dim, kw):
+    torch.manual_seed(dim)
+    conv = _conv(dim, **kw)
+    cls = tn_class_for(conv, "tucker")
+    assert cls is {1: TuckerConv1d, 2: TuckerConv2d, 3: TuckerConv3d}[dim]
+    layer = cls.from_dense(conv, ranks=3)
+    x = _input(dim)
+    ref = cls._from_spec(layer.spec()).double()
+    ref.load_state_dict(layer.state_dict())
+    dense_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dim]
+    y_dense = dense_fn(layer._pad_input(x), layer.weight, layer.bias, layer.stride, layer._conv_padding,
+                       layer.dilation)
+    _close(layer._factorized(x), y_dense)
+    _close(layer(x), y_dense)
+    full = cls.from_dense(conv, ranks=100)
+    _close(full(x), conv(x), 1e-9)  # full multilinear ranks reproduce the dense conv
+
+
+def test_forward_path_choice_follows_flops():
+    layer = TuckerLinear(1024, 1024, ranks=4)
+    assert not layer.use_dense_path(64)  # tiny core: factorized
+    fact, dense = layer._costs(64)
+    assert fact < dense and layer.flops((64, 1024)) == fact
+    big = TuckerLinear(64, 64, ranks=[8, 8, 8, 8])  # full ranks: rebuilding is cheaper for a big batch
+    assert big.use_dense_path(4096)
+
+
+def test_gradients_match_dense_weight_path():
+    torch.manual_seed(0)
+    layer = TuckerConv2d(12, 16, 3, padding=1, ranks=3).double()
+    x = _input(2)
+    grads = []
+    for path in ("factorized", "dense"):
+        layer.zero_grad()
+        y = layer._factorized(x) if path == "factorized" else F.conv2d(x, layer.weight, layer.bias, 1, 1)
+        (y ** 2).sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*grads):
+        _close(a, b, 1e-9)
+    lin = TuckerLinear(12, 10, ranks=2, in_factors=[3, 4], out_factors=[2, 5]).double()
+    assert torch.autograd.gradcheck(lambda x: lin._contract(x), torch.randn(2, 12, dtype=torch.float64,
+                                                                           requires_grad=True))
+
+
+def test_variance_matched_init():
+    torch.manual_seed(0)
+    v = torch.stack([TuckerLinear(256, 128, ranks=8).weight.detach().var() for _ in range(30)]).mean()
+    assert abs(float(v) * 3 * 256 - 1) < 0.2
+    v = torch.stack([TuckerConv2d(32, 32, 3, ranks=4).weight.detach().var() for _ in range(30)]).mean()
+    assert abs(float(v) * 3 * 32 * 9 - 1) < 0.25
+
+
+@pytest.mark.parametrize("make", [lambda: TuckerLinear(36, 20, ranks=[2, 3, 4, 5], in_factors=[6, 6],
+                                                       out_factors=[4, 5], bias=False),
+                                  lambda: TuckerConv2d(12, 16, (3, 1), stride=(2, 1), padding="valid", ranks=3),
+                                  lambda: TuckerLSTM(12, 16, num_layers=2, bidirectional=True, ranks=3),
+                                  lambda: TuckerGRU(12, 16, ranks=2, compress_hidden=True)])
+def test_spec_roundtrip_exact_shapes_and_to_dense(make):
+    import json
+    layer = make()
+    spec = json.loads(json.dumps(layer.spec()))
+    again = layer_from_spec(spec)
+    assert type(again) is type(layer) and again.spec() == spec
+    assert {k: v.shape for k, v in again.state_dict().items()} == {k: v.shape for k, v in layer.state_dict().items()}
+    again.load_state_dict(layer.state_dict())
+    dense = layer.to_dense()
+    assert type(dense) is layer.dense_type
+    if isinstance(layer, (TuckerLSTM, TuckerGRU)):
+        x = torch.randn(5, 2, 12)
+        _close(layer(x)[0], dense(x)[0], 1e-5)
+        _close(again(x)[0], dense(x)[0], 1e-5)
+    else:
+        x = torch.randn(2, 36) if isinstance(layer, TuckerLinear) else torch.randn(2, 12, 8, 8)
+        _close(layer(x), dense(x), 1e-5)
+        _close(layer.weight, dense.weight, 1e-6)
+
+
+@pytest.mark.parametrize("rnn", [nn.LSTM, nn.GRU])
+def test_recurrent_from_dense_full_rank_exact(rnn):
+    torch.manual_seed(0)
+    dense = rnn(12, 8, num_layers=2, bidirectional=True, batch_first=True).double()
+    cls = tn_class_for(dense, "tucker")
+    layer = cls.from_dense(dense, ranks=100, compress_hidden=True)
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    _close(layer(x)[0], dense(x)[0], 1e-9)
+    small = cls.from_dense(dense, compression_ratio=3)
+    assert small.params() < sum(p.numel() for p in dense.parameters())
+
+
+def test_bad_input_errors_name_module_and_choices():
+    with pytest.raises(ValueError, match=r"TuckerLinear\(36->20\).*in_factors"):
+        TuckerLinear(36, 20, ranks=2, in_factors=[5, 7])
+    with pytest.raises(ValueError, match=r"TuckerLinear\(36->20\).*not attainable"):
+        TuckerLinear(36, 20, ranks=[9, 1, 1, 1], in_factors=[6, 6], out_factors=[4, 5])
+    with pytest.raises(ValueError, match="ranks are required"):
+        TuckerLinear(36, 20, ranks=None)
+    with pytest.raises(ValueError, match="input last dim"):
+        TuckerLinear(36, 20, ranks=2)(torch.randn(2, 35))
+    with pytest.raises(ValueError, match="valid choices"):
+        tn_hf.TNConfig(format="cp", ranks=2)
+    with pytest.raises(ValueError, match="format='tucker'"):
+        tn_hf.TNConfig(format="tt", compression_ratio=4, adaptive_reshape=True)
+    with pytest.raises(ValueError, match="compression_ratio"):
+        tn_hf.TNConfig(format="tucker", ranks=4, adaptive_reshape=True)
