@@ -225,3 +225,200 @@ def test_bad_input_errors_name_module_and_choices():
         tn_hf.TNConfig(format="tt", compression_ratio=4, adaptive_reshape=True)
     with pytest.raises(ValueError, match="compression_ratio"):
         tn_hf.TNConfig(format="tucker", ranks=4, adaptive_reshape=True)
+
+
+# ----------------------------------------------------------------------------- compress / save / load
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.conv3 = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc1 = nn.Linear(32 * 4 * 4, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.adaptive_avg_pool2d(F.relu(self.conv3(x)), 4)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def _net():
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def test_compress_at_ratio_meets_budget_per_layer():
+    model = _net()
+    x = torch.randn(2, 1, 16, 16)
+    dense = {n: model.get_submodule(n).weight.detach().clone() for n in ("conv2", "conv3", "fc1")}
+    report = tn_hf.compress(model, tn_hf.TNConfig(format="tucker", compression_ratio=6, min_params=1000),
+                            progress=False)
+    assert [r["name"] for r in report.rows] == ["conv2", "conv3", "fc1"]
+    for row in report.rows:
+        layer = model.get_submodule(row["name"])
+        assert isinstance(layer, (TuckerConv2d, TuckerLinear)) and layer.format == "tucker"
+        weight_params = sum(p.numel() for p in layer.cores)
+        assert weight_params <= dense[row["name"]].numel() / 6
+        err = float((layer.weight.detach() - dense[row["name"]]).norm() / dense[row["name"]].norm())
+        assert row["rel_error"] == pytest.approx(err, rel=1e-4, abs=1e-6)
+    assert model(x).shape == (2, 10)
+    assert model.tn_hf_config["format"] == "tucker"
+    with torch.no_grad():
+        y = model(x)
+    tn_hf.decompress(model)
+    assert type(model.conv2) is nn.Conv2d
+    _close(model(x), y, 1e-5)
+
+
+def test_compress_rel_error_and_int_ranks():
+    model = _net()
+    tn_hf.compress(model, tn_hf.TNConfig(format="tucker", rel_error=0.3, min_params=1000), progress=False)
+    assert isinstance(model.fc1, TuckerLinear)
+    model = _net()
+    tn_hf.compress(model, tn_hf.TNConfig(format="tucker", ranks=3, min_params=1000), progress=False)
+    assert model.conv3.ranks == [3, 3, 3, 3, 3] and model.tn_hf_specs["conv3"]["ranks"] == [3, 3, 3, 3, 3]
+
+
+def test_save_load_tn_hf_and_timm_local_dir(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = _net()
+    tn_hf.compress(model, tn_hf.TNConfig(format="tucker", compression_ratio=4, min_params=1000), progress=False)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        y = model(x)
+    tn_hf.save_pretrained(model, tmp_path / "torch")
+    assert "Tucker" in (tmp_path / "torch" / "README.md").read_text()
+    loaded = tn_hf.from_pretrained(tmp_path / "torch", model_class=Net)
+    assert isinstance(loaded.conv2, TuckerConv2d) and loaded.conv2.spec() == model.conv2.spec()
+    with torch.no_grad():
+        _close(loaded(x), y, 1e-6)
+
+    torch.manual_seed(0)
+    net = timm.create_model("test_resnet", pretrained=False, num_classes=5).eval()
+    tn_hf.compress(net, tn_hf.TNConfig(format="tucker", ranks=4, min_params=1000), progress=False)
+    n_tn = sum(isinstance(m, TNLayer) for m in net.modules())
+    xi = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        yi = net(xi)
+    tn_hf.save_pretrained(net, tmp_path / "timm")
+    again = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    assert sum(isinstance(m, TNLayer) for m in again.modules()) == n_tn > 0
+    with torch.no_grad():
+        _close(again(xi), yi, 1e-5)
+
+
+def test_cli_compress_tucker_and_inspect(tmp_path, capsys):
+    from tn_hf.cli import main
+    out = tmp_path / "cli"
+    torch.manual_seed(0)
+    assert main(["compress", "test_resnet", "--format", "tucker", "--ratio", "4", "--targets",
+                 "layer3.0.conv2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "TuckerConv2d" in capsys.readouterr().out
+
+
+class Seq(nn.Module):
+    def __init__(self, cell="lstm"):
+        super().__init__()
+        self.rnn = (nn.LSTM if cell == "lstm" else nn.GRU)(16, 32, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_recurrent_compress_save_load(cell, tmp_path):
+    torch.manual_seed(0)
+    model = Seq(cell).eval()
+    tn_hf.compress(model, tn_hf.TNConfig(format="tucker", compression_ratio=3, min_params=500,
+                                         compress_hidden=True), progress=False)
+    assert isinstance(model.rnn, TuckerLSTM if cell == "lstm" else TuckerGRU)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        y = model(x)
+    tn_hf.save_pretrained(model, tmp_path, model_args={"cell": cell})
+    loaded = tn_hf.from_pretrained(tmp_path, model_class=Seq)
+    with torch.no_grad():
+        _close(loaded(x), y, 1e-6)
+
+
+def test_transformers_roundtrip_tucker(tmp_path):
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.MambaConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, state_size=8, expand=2)
+    model = T.MambaForCausalLM(cfg).eval()
+    report = tn_hf.compress(model, tn_hf.TNConfig(format="tucker", ranks=4, min_params=1000), progress=False)
+    assert report.rows
+    ids = torch.randint(0, 100, (1, 8))
+    with torch.no_grad():
+        y = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = T.MambaForCausalLM.from_pretrained(tmp_path).eval()
+    assert sum(isinstance(m, TNLayer) for m in loaded.modules()) == len(report.rows)
+    with torch.no_grad():
+        _close(loaded(input_ids=ids).logits, y, 1e-5)
+
+
+# ----------------------------------------------------------------------------- ADA-Tucker / SCADA-Tucker
+def test_ada_reshape_finds_the_compressible_reshaping():
+    from tn_hf.layers.tucker import ada_reshape
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 64)
+    # a weight that is Tucker rank (2, 2, 2, 2) as an 8x8x8x8 tensor (rank 4 as a 64x64 matrix)
+    with torch.no_grad():
+        lin.weight.copy_(_random_tucker((8, 8, 8, 8), (2, 2, 2, 2), dtype=torch.float32).reshape(64, 64))
+    spec, cands = ada_reshape(TuckerLinear, lin, compression_ratio=40)
+    assert (spec["out_factors"], spec["in_factors"]) == ([8, 8], [8, 8])
+    best = min(c["rel_error"] for c in cands)
+    assert best < 1e-4 and max(c["rel_error"] for c in cands) > 0.1
+    assert all(c["params"] <= 64 * 64 / 40 or c["ranks"] == [1] * len(c["ranks"]) for c in cands)
+    model = nn.Sequential(lin, nn.ReLU(), nn.Linear(64, 2))
+    tn_hf.compress(model, tn_hf.TNConfig(format="tucker", compression_ratio=40, adaptive_reshape=True,
+                                         min_params=100), progress=False)
+    assert model[0].spec()["in_factors"] == [8, 8]
+    _close(model[0].weight, lin.weight, 1e-4)
+
+
+def test_share_core_fits_layers_that_share_a_core():
+    from tn_hf.layers.tucker import share_core
+    torch.manual_seed(0)
+    model = nn.Sequential(TuckerLinear(36, 20, ranks=3, in_factors=[6, 6], out_factors=[4, 5]),
+                          TuckerLinear(36, 20, ranks=3, in_factors=[6, 6], out_factors=[4, 5])).double()
+    q = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64)).Q
+    with torch.no_grad():  # same core up to a rotation of mode 0: a shared core represents both exactly
+        model[1].cores[0].copy_(torch.einsum("ab,bcde->acde", q, model[0].cores[0]))
+    before = [m.weight.detach().clone() for m in model]
+    shared = share_core(model)
+    assert model[0].cores[0] is model[1].cores[0] is shared
+    assert sum(p.numel() for p in model.parameters()) == 81 + 2 * (4 + 5 + 6 + 6) * 3 + 40
+    for m, w in zip(model, before):
+        _close(m.weight, w, 1e-6)
+    with pytest.raises(ValueError, match="different core shapes"):
+        share_core(nn.Sequential(TuckerLinear(36, 20, ranks=2), TuckerLinear(36, 20, ranks=3)))
+
+
+def test_shared_core_compress_train_save_load(tmp_path):
+    model = _net()
+    tn_hf.compress(model, tn_hf.TNConfig(format="tucker", ranks=3, shared_core=True,
+                                         target_modules=["conv2", "conv3", "fc1"]), progress=False)
+    leaves = [model.conv2, model.conv3, model.fc1]
+    assert len({id(m.cores[0]) for m in leaves}) == 1 and all(m.spec()["shared_core"] for m in leaves)
+    x = torch.randn(2, 1, 16, 16)
+    model.train()
+    model(x).sum().backward()  # one core, gradients from every layer
+    assert model.conv2.cores[0].grad is not None
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    tn_hf.save_pretrained(model, tmp_path)
+    loaded = tn_hf.from_pretrained(tmp_path, model_class=Net)
+    assert len({id(m.cores[0]) for m in (loaded.conv2, loaded.conv3, loaded.fc1)}) == 1
+    with torch.no_grad():
+        _close(loaded(x), y, 1e-6)
+    with pytest.raises(ValueError, match="shared core of rank 9"):
+        tn_hf.compress(_net(), tn_hf.TNConfig(format="tucker", ranks=9, shared_core=True,
+                                              target_modules=["conv2"]), progress=False)

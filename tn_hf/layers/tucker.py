@@ -117,6 +117,14 @@ class _TuckerLeaf(TNLayer):
                 layer.bias.copy_(module.bias)
         return layer
 
+    @staticmethod
+    def _marked(spec, layer):
+        """A layer whose spec says its core is shared keeps the mark; its model's cores get tied."""
+        if spec.get("shared_core"):
+            layer._spec["shared_core"] = True
+            _register_share_hook()
+        return layer
+
     def _side(self, lo: int, hi: int) -> torch.Tensor:
         """Kronecker product of factor matrices lo..hi-1 (0-based modes): (prod n, prod r)."""
         return _kron([self.cores[1 + k] for k in range(lo, hi)])
@@ -187,8 +195,9 @@ class TuckerLinear(_TuckerLeaf):
 
     @classmethod
     def _from_spec(cls, spec):
-        return cls(spec["in_features"], spec["out_features"], spec.get("bias", True), ranks=spec["ranks"],
-                   in_factors=spec["in_factors"], out_factors=spec["out_factors"])
+        return cls._marked(spec, cls(spec["in_features"], spec["out_features"], spec.get("bias", True),
+                                     ranks=spec["ranks"], in_factors=spec["in_factors"],
+                                     out_factors=spec["out_factors"]))
 
     # --------------------------------------------------------------------- forward
     def _costs(self, batch: int) -> tuple[int, int]:
@@ -267,6 +276,10 @@ class _TuckerConv(_TuckerLeaf, _TNConv):
         else:
             self.register_parameter("bias", None)
         self._pad, self._conv_padding = self._padding_plan()
+
+    @classmethod
+    def _from_spec(cls, spec):
+        return cls._marked(spec, _TNConv._from_spec.__func__(cls, spec))
 
     @classmethod
     def dense_spec_from_args(cls, *args, ranks=None, **kw):
@@ -398,16 +411,143 @@ def ada_reshape(cls, module, compression_ratio: float, max_order: int = 3) -> tu
     return best["spec"], [{k: v for k, v in c.items() if k != "spec"} for c in cands]
 
 
+def shared_core_spec(cls, module, rank: int, n_modes: int | None = None) -> dict:
+    """Spec of order ``d = 2 * n_modes`` (default n_modes 2) with ranks ``(rank,) * d``, the same for
+    every layer so that they can share one core: Linear (n_modes out, n_modes in), Conv (n_modes out,
+    kernel, n_modes - 1 in). ValueError if a mode is smaller than ``rank``."""
+    n = n_modes or DEFAULT_SIDE_MODES
+    if isinstance(module, nn.Linear):
+        fo, fi = default_factors(module.out_features, n), default_factors(module.in_features, n)
+    else:
+        if n < 2:
+            raise ValueError(f"shared core: convolutions need n_modes >= 2 (got {n})")
+        fo, fi = default_factors(module.out_channels, n), default_factors(module.in_channels, n - 1)
+    spec = cls.dense_spec(module, in_factors=list(fi), out_factors=list(fo))
+    modes = cls._modes(spec)
+    if min(modes) < rank or tucker_ranks(modes, rank) != [rank] * len(modes):
+        raise ValueError(f"{cls._where(spec)}: a shared core of rank {rank} needs every mode >= {rank}, but the "
+                         f"modes are {tuple(modes)}; use a smaller rank or n_modes (valid ranks <= {min(modes)})")
+    spec["ranks"] = [rank] * len(modes)
+    return spec
+
+
+def _leaves(model):
+    return [m for m in model.modules() if isinstance(m, _TuckerLeaf)]
+
+
+@torch.no_grad()
+def share_core(model: nn.Module, *, sweeps: int = 4, cg_iters: int = 30) -> nn.Parameter:
+    """SCADA-Tucker: make every Tucker leaf of ``model`` use one core ``G`` (one nn.Parameter).
+
+    All leaves need the same core shape (``TNConfig(format="tucker", ranks=r, shared_core=True)``
+    plans that). The shared core and the factor matrices are fitted to the leaves' current weights
+    ``T_l`` by alternating least squares on ``sum_l ||T_l - G x_1 U_l1 ... x_d U_ld||^2``: each
+    ``U_lk`` in closed form, ``G`` by conjugate gradients on its normal equations
+    ``sum_l G x_k (U_lk^T U_lk) = sum_l T_l x_k U_lk^T``. Idempotent: leaves already sharing one
+    core are left as they are. Returns the shared parameter."""
+    from ..decompositions.tucker import _mode_dot
+    leaves = _leaves(model)
+    if not leaves:
+        raise ValueError(f"share_core: {type(model).__name__} has no Tucker layer")
+    shapes = {tuple(m.cores[0].shape) for m in leaves}
+    if len(shapes) != 1:
+        raise ValueError(f"share_core: Tucker layers have different core shapes {sorted(shapes)}; a shared core "
+                         "needs one shape (TNConfig(format='tucker', ranks=int, shared_core=True))")
+    if len({id(m.cores[0]) for m in leaves}) == 1:
+        return leaves[0].cores[0]
+    ref = leaves[0].cores[0]
+    T = [m.full_tensor().double() for m in leaves]
+    U = [[u.double().clone() for u in m.cores[1:]] for m in leaves]
+    G = max((m.cores[0] for m in leaves), key=lambda c: c.norm()).double().clone()
+    d = G.dim()
+
+    def apply(g, mats):
+        for k, u in enumerate(mats):
+            g = _mode_dot(g, u, k)
+        return g
+
+    for _ in range(sweeps):
+        for t, us in zip(T, U):  # factor matrices: least squares, one mode at a time
+            for k in range(d):
+                m = apply(G, [us[j] if j != k else torch.eye(G.shape[k], dtype=G.dtype) for j in range(d)])
+                mk = torch.movedim(m, k, 0).reshape(G.shape[k], -1)
+                tk = torch.movedim(t, k, 0).reshape(t.shape[k], -1)
+                us[k] = torch.linalg.lstsq(mk.T, tk.T).solution.T
+        grams = [[u.T @ u for u in us] for us in U]
+        b = sum(apply(t, [u.T for u in us]) for t, us in zip(T, U))
+        x = G
+        r = b - sum(apply(x, gs) for gs in grams)
+        p, rs = r.clone(), float((r * r).sum())
+        for _ in range(cg_iters):  # G: conjugate gradients on the normal equations
+            if rs < 1e-28:
+                break
+            ap = sum(apply(p, gs) for gs in grams)
+            alpha = rs / float((p * ap).sum())
+            x, r = x + alpha * p, r - alpha * ap
+            rs_new = float((r * r).sum())
+            p, rs = r + (rs_new / rs) * p, rs_new
+        G = x
+    shared = nn.Parameter(G.to(ref.dtype).to(ref.device))
+    for m, us in zip(leaves, U):
+        m.cores[0] = shared
+        for p_, u in zip(m.cores[1:], us):
+            p_.copy_(u)
+    return shared
+
+
+def _tie(leaves) -> None:
+    for m in leaves[1:]:
+        m.cores[0] = leaves[0].cores[0]
+
+
+def _share_core_hook(model) -> None:
+    """After compress: fit and tie the shared core, mark the specs (``"shared_core": true``).
+    After apply_specs (loading, layers on the meta device): tie, and tie again once the weights are
+    loaded (allocating meta parameters gives every module its own tensor)."""
+    cfg = getattr(model, "tn_hf_config", None) or {}
+    leaves = [m for m in _leaves(model) if m._spec.get("shared_core") or cfg.get("shared_core")]
+    if not leaves:
+        return
+    if any(m.cores[0].is_meta for m in leaves):
+        _tie(leaves)
+        if not getattr(model, "_tn_hf_tucker_retie", False):
+            model.register_load_state_dict_post_hook(lambda mod, keys: _tie(leaves))
+            model._tn_hf_tucker_retie = True
+        return
+    share_core(model)
+    specs = getattr(model, "tn_hf_specs", None) or {}
+    for name, mod in model.named_modules():
+        if mod in leaves:
+            mod._spec["shared_core"] = True
+            if name in specs:
+                specs[name]["shared_core"] = True
+
+
+def _register_share_hook() -> None:
+    """Tie cores after compress / apply_specs of a shared-core model (convert.MODEL_HOOKS)."""
+    from ..convert import MODEL_HOOKS
+    if _share_core_hook not in MODEL_HOOKS["specs_changed"]:
+        MODEL_HOOKS["specs_changed"].append(_share_core_hook)
+
+
 def plan_tucker(targets, config) -> None:
     """Ranks (and with ``adaptive_reshape`` the reshaping) of every Tucker target, in place.
 
     ``compression_ratio``: each Linear/Conv layer at that ratio (``tucker_ranks_for_ratio`` on its
     tensorized weight, a per-layer allocation); recurrent layers get it per matrix in
-    ``from_dense``. ``adaptive_reshape``: ``ada_reshape`` per Linear/Conv layer."""
+    ``from_dense``. ``adaptive_reshape``: ``ada_reshape`` per Linear/Conv layer. ``shared_core``:
+    ``shared_core_spec`` per layer; ``compress`` then ties the cores (``share_core``)."""
+    if config.shared_core:
+        _register_share_hook()
     for t in targets:
         if t.cls.composite:
+            if config.shared_core:
+                raise ValueError(f"shared_core: {t.name} ({type(t.module).__name__}) is recurrent; a shared core "
+                                 "covers Linear/Conv layers (exclude it or set layer_types=['linear', 'conv'])")
             continue
-        if config.adaptive_reshape:
+        if config.shared_core:
+            t.spec = shared_core_spec(t.cls, t.module, config.ranks, config.n_modes)
+        elif config.adaptive_reshape:
             t.spec = ada_reshape(t.cls, t.module, config.compression_ratio)[0]
         elif config.compression_ratio is not None:
             (w,) = t.cls.dense_weights(t.module).values()
