@@ -88,6 +88,17 @@ def test_ranks_for_ratio_meet_budget(data):
         assert tucker_params(shape, r) <= math.prod(shape) / ratio or r == [1] * 4
 
 
+def test_global_allocation_gives_small_tensors_rank():
+    from tn_hf.decompositions import tucker_allocate
+    torch.manual_seed(0)
+    big, small = torch.randn(30, 40, 50), _random_tucker((10, 10), (6, 6), dtype=torch.float32)
+    r = tucker_allocate({"big": big, "small": small}, ratio=20)
+    assert tucker_params(big.shape, r["big"]) + tucker_params(small.shape, r["small"]) <= (big.numel() + 100) / 20
+    assert r["small"] == [6, 6]  # its whole energy for a few params, though 100 / 20 = 5 would be its share
+    with pytest.raises(ValueError, match="ratio"):
+        tucker_allocate({"x": big}, 0)
+
+
 def test_ranks_for_ratio_follows_the_spectrum():
     # multilinear ranks (4, 2, 2): the greedy gives mode 0 its 4 and the rest to modes 1, 2
     x = _random_tucker((40, 6, 6), (4, 2, 2), dtype=torch.float32)
@@ -249,20 +260,25 @@ def _net():
     return Net().eval()
 
 
-def test_compress_at_ratio_meets_budget_per_layer():
+@pytest.mark.parametrize("allocation", ["global", "uniform"])
+def test_compress_at_ratio_meets_budget(allocation):
     model = _net()
     x = torch.randn(2, 1, 16, 16)
     dense = {n: model.get_submodule(n).weight.detach().clone() for n in ("conv2", "conv3", "fc1")}
-    report = tn_hf.compress(model, tn_hf.TNConfig(format="tucker", compression_ratio=6, min_params=1000),
-                            progress=False)
+    report = tn_hf.compress(model, tn_hf.TNConfig(format="tucker", compression_ratio=6, min_params=1000,
+                                                  allocation=allocation), progress=False)
     assert [r["name"] for r in report.rows] == ["conv2", "conv3", "fc1"]
+    total = 0
     for row in report.rows:
         layer = model.get_submodule(row["name"])
         assert isinstance(layer, (TuckerConv2d, TuckerLinear)) and layer.format == "tucker"
         weight_params = sum(p.numel() for p in layer.cores)
-        assert weight_params <= dense[row["name"]].numel() / 6
+        total += weight_params
+        if allocation == "uniform":
+            assert weight_params <= dense[row["name"]].numel() / 6
         err = float((layer.weight.detach() - dense[row["name"]]).norm() / dense[row["name"]].norm())
         assert row["rel_error"] == pytest.approx(err, rel=1e-4, abs=1e-6)
+    assert 0.8 * sum(w.numel() for w in dense.values()) / 6 <= total <= sum(w.numel() for w in dense.values()) / 6
     assert model(x).shape == (2, 10)
     assert model.tn_hf_config["format"] == "tucker"
     with torch.no_grad():

@@ -29,8 +29,10 @@ class TNConfig:
     ``format="tucker"`` options: ``adaptive_reshape=True`` (with ``compression_ratio``) picks per
     layer the orders and balanced dimensions of the reshaped weight with the lowest Tucker error at
     that ratio (ADA-Tucker); ``shared_core=True`` (with ``ranks=int``) gives every Tucker layer the
-    same order and core shape and ties one core across them (SCADA-Tucker). With ``format="tucker"``
-    and ``compression_ratio`` every layer gets that ratio (``allocation`` is not used).
+    same order and core shape and ties one core across them (SCADA-Tucker). Tucker ranks at a
+    ``compression_ratio`` come from the weights' mode spectra (``allocation="global"``: one budget
+    over the Linear/Conv targets, ``"uniform"``: every layer at the ratio); ``budget="flops"`` is not
+    used for Tucker.
 
     ``target_modules`` / ``exclude_modules`` take exact module names or regexes (a pattern
     matches when ``re.fullmatch`` does, or when the name equals it or ends with ``.pattern``).

@@ -3,7 +3,7 @@ from .factorize import auto_modes, factorize
 from .ranks import allocate_ranks, allocation_summary, ranks_for_ratio, tn_params
 from .tr import tr_project, tr_ranks, tr_svd, tr_to_full
 from .tt import truncated_factor, tt_project, tt_ranks, tt_svd, tt_to_full, unfolding_spectrum
-from .tucker import (mode_spectra, tucker_params, tucker_project, tucker_ranks, tucker_ranks_for_ratio, tucker_svd,
+from .tucker import (mode_spectra, tucker_allocate, tucker_params, tucker_project, tucker_ranks, tucker_ranks_for_ratio, tucker_svd,
                      tucker_to_full)
 
 PROJECTIONS = {"tt": tt_project, "tr": tr_project, "tucker": tucker_project}
@@ -21,4 +21,4 @@ __all__ = ["factorize", "auto_modes", "tt_svd", "tt_to_full", "tt_project", "tt_
            "tr_svd", "tr_to_full", "tr_project", "tr_ranks", "tn_params", "ranks_for_ratio",
            "allocate_ranks", "allocation_summary", "truncated_factor", "unfolding_spectrum",
            "tucker_svd", "tucker_to_full", "tucker_project", "tucker_ranks", "tucker_params",
-           "tucker_ranks_for_ratio", "mode_spectra", "project", "PROJECTIONS"]
+           "tucker_ranks_for_ratio", "tucker_allocate", "mode_spectra", "project", "PROJECTIONS"]

@@ -28,7 +28,7 @@ from torch import Tensor
 from .tt import check_rank_args, check_tensor, truncated_factor
 
 __all__ = ["tucker_svd", "tucker_to_full", "tucker_project", "tucker_ranks", "tucker_params",
-           "tucker_ranks_for_ratio", "mode_spectra"]
+           "tucker_ranks_for_ratio", "tucker_allocate", "mode_spectra"]
 
 
 def _prod(xs) -> int:
@@ -143,59 +143,84 @@ def mode_spectra(x: Tensor) -> list[Tensor]:
 def tucker_ranks_for_ratio(shape: Sequence[int], ratio: float, tensor: Tensor | None = None) -> list[int]:
     """Ranks whose Tucker params are <= ``prod(shape) / ratio`` (all-ones when nothing smaller fits).
 
-    With ``tensor``: greedy from all-ones on ``sum_k log(captured energy of mode k at r_k)`` (the
-    captured fraction of a Tucker approximation behaves like the product of the per-mode
-    fractions): each move raises one rank (and, where r_k <= prod of the other ranks demands it,
-    the other ranks with the most energy to gain); the move with the largest gain per added
-    parameter that fits is taken until none fits. Without it: the largest common rank (clipped),
-    then single ranks raised while they fit, largest mode first."""
+    With ``tensor``: ``tucker_allocate({"x": tensor}, ratio)["x"]`` (greedy on the spectra).
+    Without it: the largest common rank (clipped), then single ranks raised while they fit,
+    largest mode first."""
     if not ratio > 0:
         raise ValueError(f"tucker_ranks_for_ratio: ratio must be > 0, got {ratio}")
     shape = [int(n) for n in shape]
+    if tensor is not None:
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"tucker_ranks_for_ratio: tensor shape {tuple(tensor.shape)} != {tuple(shape)}")
+        return tucker_allocate({"x": tensor}, ratio)["x"]
     d, budget = len(shape), _prod(shape) / ratio
-    if tensor is not None and tuple(tensor.shape) != tuple(shape):
-        raise ValueError(f"tucker_ranks_for_ratio: tensor shape {tuple(tensor.shape)} != {tuple(shape)}")
+    lo, hi = 1, max(shape)
+    while lo < hi:  # params grow with the common rank
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if tucker_params(shape, _clip(shape, [mid] * d)) <= budget else (lo, mid - 1)
+    r = _clip(shape, [lo] * d)
+    for k in sorted(range(d), key=lambda k: -shape[k]):
+        while r[k] < shape[k]:
+            c = r[:k] + [r[k] + 1] + r[k + 1:]
+            if _clip(shape, c) != c or tucker_params(shape, c) > budget:
+                break
+            r = c
+    return r
 
-    def fits(c):
-        return _clip(shape, c) == c and tucker_params(shape, c) <= budget
 
-    if tensor is None:
-        lo, hi = 1, max(shape)
-        while lo < hi:  # params grow with the common rank
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if tucker_params(shape, _clip(shape, [mid] * d)) <= budget else (lo, mid - 1)
-        r = _clip(shape, [lo] * d)
-        for k in sorted(range(d), key=lambda k: -shape[k]):
-            while r[k] < shape[k] and fits(r[:k] + [r[k] + 1] + r[k + 1:]):
-                r[k] += 1
-        return r
-    logcap = [torch.log(torch.cumsum(s, 0).clamp_min(1e-300)).tolist() for s in mode_spectra(tensor)]
+def tucker_allocate(tensors: dict, ratio: float) -> dict[str, list[int]]:
+    """Ranks for several tensors sharing one budget: total Tucker params <= total size / ``ratio``.
 
-    def value(c):
-        return sum(logcap[k][c[k] - 1] for k in range(d))
+    Objective: the sum over tensors of the captured fraction of their energy, estimated from the
+    mode spectra as ``prod_k f_k(r_k)`` (``f_k`` = captured fraction of the mode-k unfolding at
+    rank r_k; exact for order 2, the usual HOSVD proxy beyond). Greedy from all-ones: each move
+    raises one rank of one tensor (and, where r_k <= prod of the other ranks demands it, that
+    tensor's other ranks with the most energy to gain); the move with the largest gain per added
+    parameter that fits and gains is taken until none is left. Small tensors get ranks cheaply, so a layer is
+    not left at rank 1 because its own share of the budget is tiny."""
+    if not ratio > 0:
+        raise ValueError(f"tucker_allocate: ratio must be > 0, got {ratio}")
+    names = list(tensors)
+    shapes = {n: [int(v) for v in tensors[n].shape] for n in names}
+    frac = {}
+    for n in names:
+        cum = [torch.cumsum(sp, 0) for sp in mode_spectra(tensors[n])]
+        frac[n] = [(c / c[-1].clamp_min(1e-300)).tolist() for c in cum]
+    budget = sum(_prod(shapes[n]) for n in names) / ratio
+    r = {n: [1] * len(shapes[n]) for n in names}
+    used = sum(tucker_params(shapes[n], r[n]) for n in names)
 
-    def move(r, k):
-        if r[k] >= shape[k]:
+    def captured(n, c):
+        return math.prod(frac[n][k][c[k] - 1] for k in range(len(c)))
+
+    def move(n, k):
+        shape, c = shapes[n], list(r[n])
+        if c[k] >= shape[k]:
             return None
-        c = r[:k] + [r[k] + 1] + r[k + 1:]
+        c[k] += 1
         while _clip(shape, c) != c:  # r_k > product of the others: raise the most rewarding other rank
-            others = [j for j in range(d) if j != k and c[j] < shape[j]]
+            others = [j for j in range(len(c)) if j != k and c[j] < shape[j]]
             if not others:
                 return None
-            j = max(others, key=lambda j: logcap[j][c[j]] - logcap[j][c[j] - 1])
+            j = max(others, key=lambda j: frac[n][j][c[j]] - frac[n][j][c[j] - 1])
             c[j] += 1
         return c
 
-    r = [1] * d
     while True:
         best = None
-        for k in range(d):
-            c = move(r, k)
-            if c is None or tucker_params(shape, c) > budget:
-                continue
-            g = (value(c) - value(r)) / max(1, tucker_params(shape, c) - tucker_params(shape, r))
-            if best is None or g > best[0]:
-                best = (g, c)
+        for n in names:
+            base_p, base_c = tucker_params(shapes[n], r[n]), captured(n, r[n])
+            for k in range(len(shapes[n])):
+                c = move(n, k)
+                if c is None:
+                    continue
+                dp = tucker_params(shapes[n], c) - base_p
+                if used + dp > budget:
+                    continue
+                g = (captured(n, c) - base_c) / max(1, dp)
+                if g > 1e-12 and (best is None or g > best[0]):  # no parameters for nothing
+                    best = (g, n, c, dp)
         if best is None:
             return r
-        r = best[1]
+        _, n, c, dp = best
+        r[n], used = c, used + dp

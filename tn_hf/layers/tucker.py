@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..decompositions.tucker import tucker_project, tucker_ranks, tucker_ranks_for_ratio, tucker_svd, tucker_to_full
+from ..decompositions.tucker import (tucker_allocate, tucker_project, tucker_ranks, tucker_ranks_for_ratio, tucker_svd,
+                                     tucker_to_full)
 from .base import TNLayer, _prod, check_factors, default_factors
 from .conv import _CONV_FN, _DENSE, _TNConv
 from .recurrent import _TNRNN
@@ -533,10 +534,12 @@ def _register_share_hook() -> None:
 def plan_tucker(targets, config) -> None:
     """Ranks (and with ``adaptive_reshape`` the reshaping) of every Tucker target, in place.
 
-    ``compression_ratio``: each Linear/Conv layer at that ratio (``tucker_ranks_for_ratio`` on its
-    tensorized weight, a per-layer allocation); recurrent layers get it per matrix in
-    ``from_dense``. ``adaptive_reshape``: ``ada_reshape`` per Linear/Conv layer. ``shared_core``:
-    ``shared_core_spec`` per layer; ``compress`` then ties the cores (``share_core``)."""
+    ``compression_ratio``: ranks of the Linear/Conv layers from their tensorized weights' spectra,
+    ``allocation="global"``: one budget over all of them (``tucker_allocate``), ``"uniform"``: every
+    layer at the ratio (``tucker_ranks_for_ratio``); recurrent layers get it per matrix in
+    ``from_dense``. ``adaptive_reshape``: ``ada_reshape`` per Linear/Conv layer first (at the
+    ratio), then the allocation over the chosen reshapings. ``shared_core``: ``shared_core_spec``
+    per layer; ``compress`` then ties the cores (``share_core``)."""
     if config.shared_core:
         _register_share_hook()
     for t in targets:
@@ -549,7 +552,16 @@ def plan_tucker(targets, config) -> None:
             t.spec = shared_core_spec(t.cls, t.module, config.ranks, config.n_modes)
         elif config.adaptive_reshape:
             t.spec = ada_reshape(t.cls, t.module, config.compression_ratio)[0]
-        elif config.compression_ratio is not None:
-            (w,) = t.cls.dense_weights(t.module).values()
-            tens = t.cls.tensorize(w.detach().float().cpu(), t.spec)
-            t.spec = dict(t.spec, ranks=tucker_ranks_for_ratio(tens.shape, config.compression_ratio, tens))
+    leaves = [t for t in targets if not t.cls.composite]
+    if config.compression_ratio is None or config.shared_core or not leaves:
+        return
+    tensors = {}
+    for t in leaves:
+        (w,) = t.cls.dense_weights(t.module).values()
+        tensors[t.name] = t.cls.tensorize(w.detach().float().cpu(), t.spec)
+    if config.allocation == "global":
+        ranks = tucker_allocate(tensors, config.compression_ratio)
+    else:
+        ranks = {n: tucker_ranks_for_ratio(x.shape, config.compression_ratio, x) for n, x in tensors.items()}
+    for t in leaves:
+        t.spec = dict(t.spec, ranks=ranks[t.name])
