@@ -171,9 +171,10 @@ def tucker_ranks_for_ratio(shape: Sequence[int], ratio: float, tensor: Tensor | 
 def tucker_allocate(tensors: dict, ratio: float) -> dict[str, list[int]]:
     """Ranks for several tensors sharing one budget: total Tucker params <= total size / ``ratio``.
 
-    Objective: the sum over tensors of the captured fraction of their energy, estimated from the
-    mode spectra as ``prod_k f_k(r_k)`` (``f_k`` = captured fraction of the mode-k unfolding at
-    rank r_k; exact for order 2, the usual HOSVD proxy beyond). Greedy from all-ones: each move
+    Objective: ``sum_tensors sum_k log f_k(r_k)``, i.e. the product over tensors of their captured
+    energy fractions estimated from the mode spectra as ``prod_k f_k(r_k)`` (``f_k`` = captured
+    fraction of the mode-k unfolding at rank r_k; exact for order 2, the usual HOSVD proxy beyond);
+    the log keeps any one layer from being starved. Greedy from all-ones: each move
     raises one rank of one tensor (and, where r_k <= prod of the other ranks demands it, that
     tensor's other ranks with the most energy to gain); the move with the largest gain per added
     parameter that fits and gains is taken until none is left. Small tensors get ranks cheaply, so a layer is
@@ -190,8 +191,8 @@ def tucker_allocate(tensors: dict, ratio: float) -> dict[str, list[int]]:
     r = {n: [1] * len(shapes[n]) for n in names}
     used = sum(tucker_params(shapes[n], r[n]) for n in names)
 
-    def captured(n, c):
-        return math.prod(frac[n][k][c[k] - 1] for k in range(len(c)))
+    def captured(n, c):  # log of the captured fraction
+        return sum(math.log(max(frac[n][k][c[k] - 1], 1e-300)) for k in range(len(c)))
 
     def move(n, k):
         shape, c = shapes[n], list(r[n])

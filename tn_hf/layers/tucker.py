@@ -21,9 +21,13 @@ Forward (cost-aware: the cheaper of the two by FLOP count for the input's size)
 Initialisation (variance-matched): U_k ~ N(0, 1/r_k) and G ~ N(0, v) give every entry of the
 full tensor variance ``prod(r) * v * prod(1/r_k) = v`` = the dense layer's default variance.
 
-ADA-Tucker's adaptive reshaping (``ada_reshape``) picks, per layer, the orders and balanced
-dimensions of both sides whose Tucker approximation at the budget has the lowest error. SCADA-
-Tucker's shared core (``share_core``) makes every Tucker leaf of a model use one core tensor.
+Planning (``plan_tucker``, called by ``targeting.plan`` for ``format="tucker"``): ranks at a
+compression ratio come from the tensorized weights' mode spectra, over one budget for all
+Linear/Conv targets (``decompositions.tucker_allocate``) or per layer. ADA-Tucker's adaptive
+reshaping (``ada_reshape``) first picks, per layer, the orders (1-4 per side) and balanced
+dimensions whose Tucker approximation at the ratio has the lowest error. SCADA-Tucker's shared
+core (``share_core``) makes every Tucker leaf of a model use one core tensor (one parameter; the
+leaves' specs carry ``"shared_core": true`` and loading ties the cores again).
 """
 from __future__ import annotations
 
@@ -34,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..decompositions.tucker import (tucker_allocate, tucker_project, tucker_ranks, tucker_ranks_for_ratio, tucker_svd,
-                                     tucker_to_full)
+from ..decompositions.tucker import (tucker_allocate, tucker_params, tucker_project, tucker_ranks,
+                                     tucker_ranks_for_ratio, tucker_svd, tucker_to_full)
 from .base import TNLayer, _prod, check_factors, default_factors
-from .conv import _CONV_FN, _DENSE, _TNConv
+from .conv import _CONV_FN, _TNConv
 from .recurrent import _TNRNN
 
 DEFAULT_SIDE_MODES = 2  # modes per channel side when neither factors nor n_modes are given
@@ -371,7 +375,7 @@ class TuckerGRU(_TuckerRNN):
 
 
 # ----------------------------------------------------------------------------- planning
-def _side_orders(n: int, max_order: int = 3) -> list[tuple[int, ...]]:
+def _side_orders(n: int, max_order: int = 4) -> list[tuple[int, ...]]:
     """Balanced factorisations of ``n`` into 1..max_order modes (no factor 1 unless n is 1)."""
     out = [(n,)]
     for d in range(2, max_order + 1):
@@ -387,7 +391,7 @@ def tucker_error(cls, weight, spec) -> float:
     return float((t - tucker_project(t, spec["ranks"])).norm() / t.norm().clamp_min(1e-30))
 
 
-def ada_reshape(cls, module, compression_ratio: float, max_order: int = 3) -> tuple[dict, list[dict]]:
+def ada_reshape(cls, module, compression_ratio: float, max_order: int = 4) -> tuple[dict, list[dict]]:
     """ADA-Tucker's adaptive dimension choice for one Linear/Conv module.
 
     Candidates: every pair of balanced factorisations of the output and input sizes into 1..
@@ -406,7 +410,7 @@ def ada_reshape(cls, module, compression_ratio: float, max_order: int = 3) -> tu
         t = cls.tensorize(w, spec)
         spec["ranks"] = tucker_ranks_for_ratio(t.shape, compression_ratio, t)
         cands.append({"spec": spec, "out_factors": list(fo), "in_factors": list(fi), "ranks": spec["ranks"],
-                      "params": sum(n * r for n, r in zip(t.shape, spec["ranks"])) + _prod(spec["ranks"]),
+                      "params": tucker_params(t.shape, spec["ranks"]),
                       "rel_error": tucker_error(cls, w, spec)})
     best = min(cands, key=lambda c: (c["rel_error"], c["params"]))
     return best["spec"], [{k: v for k, v in c.items() if k != "spec"} for c in cands]
