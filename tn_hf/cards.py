@@ -18,8 +18,8 @@ from .report import CompressionReport
 TEMPLATE = "model_card.md"
 FIGURE = "compression.png"
 PLACEHOLDER = "ORG/NAME"  # repo id in a card rendered before the repo is known
-FORMAT_LONG = {"tt": "Tensor-Train", "tr": "Tensor-Ring"}
-FORMAT_TAG = {"tt": "tensor-train", "tr": "tensor-ring"}
+FORMAT_LONG = {"tt": "Tensor-Train", "tr": "Tensor-Ring", "tucker": "Tucker"}
+FORMAT_TAG = {"tt": "tensor-train", "tr": "tensor-ring", "tucker": "tucker-decomposition"}
 LIBRARIES = ("transformers", "timm", "pytorch")
 
 

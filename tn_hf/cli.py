@@ -233,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "replace its target layers by TT/TR layers at the given compression "
                                    "ratio, print the per-layer report and save the checkpoint + model card.")
     c.add_argument("source", metavar="SOURCE", help="timm model name, checkpoint folder, or Hub id")
-    c.add_argument("--format", choices=("tt", "tr"), default="tt", help="tensor-network format (default tt)")
+    c.add_argument("--format", choices=("tt", "tr", "tucker"), default="tt",
+                   help="tensor-network format (default tt)")
     c.add_argument("--ratio", type=_ratio, required=True, help="compression ratio of the target layers (> 1)")
     c.add_argument("--targets", nargs="+", help="module names or regexes to compress (default: all eligible)")
     c.add_argument("--exclude", nargs="+", help="module names or regexes to leave dense")

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-FORMATS = ("tt", "tr")
+FORMATS = ("tt", "tr", "tucker")
 LAYER_TYPES = ("linear", "conv", "lstm", "gru")
 BUDGETS = ("params", "flops")
 ALLOCATIONS = ("global", "uniform")
@@ -25,6 +25,14 @@ class TNConfig:
       decay fast give more; ``"uniform"``: every layer at this ratio).
     * ``rel_error``: per-layer relative Frobenius error bound of the decomposition
       (``max_rank`` caps the ranks).
+
+    ``format="tucker"`` options: ``adaptive_reshape=True`` (with ``compression_ratio``) picks per
+    layer the orders and balanced dimensions of the reshaped weight with the lowest Tucker error at
+    that ratio (ADA-Tucker); ``shared_core=True`` (with ``ranks=int``) gives every Tucker layer the
+    same order and core shape and ties one core across them (SCADA-Tucker). Tucker ranks at a
+    ``compression_ratio`` come from the weights' mode spectra (``allocation="global"``: one budget
+    over the Linear/Conv targets, ``"uniform"``: every layer at the ratio); ``budget="flops"`` is not
+    used for Tucker.
 
     ``target_modules`` / ``exclude_modules`` take exact module names or regexes (a pattern
     matches when ``re.fullmatch`` does, or when the name equals it or ends with ``.pattern``).
@@ -47,6 +55,8 @@ class TNConfig:
     allocation: str = "global"
     n_modes: int | None = None          # modes per channel side (None: chosen from the size)
     compress_hidden: bool = False      # recurrent layers: hidden-to-hidden in TN form too
+    adaptive_reshape: bool = False     # tucker: ADA-Tucker's per-layer choice of order and dimensions
+    shared_core: bool = False          # tucker: SCADA-Tucker's one core for all layers
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -79,6 +89,14 @@ class TNConfig:
             raise ValueError(f"TNConfig.budget={self.budget!r}: valid choices are {BUDGETS}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"TNConfig.allocation={self.allocation!r}: valid choices are {ALLOCATIONS}")
+        for opt in ("adaptive_reshape", "shared_core"):
+            if getattr(self, opt) and self.format != "tucker":
+                raise ValueError(f"TNConfig.{opt}=True needs format='tucker' (got format={self.format!r})")
+        if self.adaptive_reshape and self.compression_ratio is None:
+            raise ValueError("TNConfig.adaptive_reshape=True needs compression_ratio= (the budget it optimises for)")
+        if self.shared_core and not isinstance(self.ranks, int):
+            raise ValueError(f"TNConfig.shared_core=True needs one int rank (ranks=int, the core size per mode); "
+                             f"got ranks={self.ranks!r}")
         if self.n_modes is not None and self.n_modes < 1:
             raise ValueError(f"TNConfig.n_modes={self.n_modes}: must be >= 1")
 

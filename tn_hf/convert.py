@@ -21,12 +21,14 @@ from tqdm.auto import tqdm
 from .decompositions import ranks_for_ratio
 from .layers import layer_from_spec, registry
 from .layers.base import TNLayer
+from .layers.tucker import tie_shared_cores
 from .report import CompressionReport, flops, layer_row, probe, rel_error
 from .serialization import CheckpointError, check_specs
 from .targeting import as_config, is_transformers, leaf_specs, n_params, plan
 
-# "specs_changed": called with the model after compress / apply_specs; "decompressed": after decompress
-MODEL_HOOKS: dict[str, list[Callable[[nn.Module], None]]] = {"specs_changed": [], "decompressed": []}
+# "specs_changed": called with the model after compress / apply_specs; "decompressed": after decompress.
+# Tucker's shared core (SCADA) is tied here: a no-op for models without one.
+MODEL_HOOKS: dict[str, list[Callable[[nn.Module], None]]] = {"specs_changed": [tie_shared_cores], "decompressed": []}
 
 
 def _run_hooks(event: str, model: nn.Module) -> None:

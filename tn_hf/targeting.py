@@ -25,6 +25,7 @@ from .config import TNConfig
 from .decompositions import allocate_ranks
 from .layers import SUPPORTED_TYPES, layer_type, registry, tn_class_for
 from .layers.base import normalize_ranks
+from .layers.tucker import plan_tucker
 from .report import positions
 
 logger = logging.getLogger(__name__)
@@ -199,7 +200,9 @@ def plan(model: nn.Module, config) -> list[Target]:
         raise ValueError(f"target_modules {explicit} match only modules of types {types}, none of which can be "
                          f"compressed; supported types: {list(SUPPORTED_TYPES)} (layer_types={config.layer_types})"
                          + ("; transformers' Conv1D (GPT-2 style) is not supported yet" if "Conv1D" in types else ""))
-    if config.compression_ratio is not None and targets:
+    if config.format == "tucker":  # per-layer ranks / ADA reshaping / shared core (layers.tucker)
+        plan_tucker(targets, config)
+    elif config.compression_ratio is not None and targets:
         _allocate(model, targets, config)
     return targets
 

@@ -1,21 +1,22 @@
-"""TT/TR layers: drop-in nn.Modules with cores as parameters (see base.TNLayer)."""
+"""TT/TR/Tucker layers: drop-in nn.Modules with cores as parameters (see base.TNLayer, tucker)."""
 from torch import nn
 
 from .base import TNLayer, layer_from_spec, registry, tn_targets
 from .conv import TRConv1d, TRConv2d, TRConv3d, TTConv1d, TTConv2d, TTConv3d
 from .linear import TRLinear, TTLinear
 from .recurrent import TRGRU, TRLSTM, TTGRU, TTLSTM
+from .tucker import TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerGRU, TuckerLinear, TuckerLSTM
 
 # The one table: dense type -> (TNConfig.layer_types name, {format: TN class}). Planning targets
 # exact types only (subclasses such as NonDynamicallyQuantizableLinear can behave in ways a TN
 # layer can't follow); tn_class_for also answers for subclasses.
 _BY_TYPE = {
-    nn.Linear: ("linear", {"tt": TTLinear, "tr": TRLinear}),
-    nn.Conv1d: ("conv", {"tt": TTConv1d, "tr": TRConv1d}),
-    nn.Conv2d: ("conv", {"tt": TTConv2d, "tr": TRConv2d}),
-    nn.Conv3d: ("conv", {"tt": TTConv3d, "tr": TRConv3d}),
-    nn.LSTM: ("lstm", {"tt": TTLSTM, "tr": TRLSTM}),
-    nn.GRU: ("gru", {"tt": TTGRU, "tr": TRGRU}),
+    nn.Linear: ("linear", {"tt": TTLinear, "tr": TRLinear, "tucker": TuckerLinear}),
+    nn.Conv1d: ("conv", {"tt": TTConv1d, "tr": TRConv1d, "tucker": TuckerConv1d}),
+    nn.Conv2d: ("conv", {"tt": TTConv2d, "tr": TRConv2d, "tucker": TuckerConv2d}),
+    nn.Conv3d: ("conv", {"tt": TTConv3d, "tr": TRConv3d, "tucker": TuckerConv3d}),
+    nn.LSTM: ("lstm", {"tt": TTLSTM, "tr": TRLSTM, "tucker": TuckerLSTM}),
+    nn.GRU: ("gru", {"tt": TTGRU, "tr": TRGRU, "tucker": TuckerGRU}),
 }
 SUPPORTED_TYPES = tuple(t.__name__ for t in _BY_TYPE)
 
@@ -27,7 +28,7 @@ def layer_type(module: nn.Module) -> str | None:
 
 
 def tn_class_for(module: nn.Module, format: str = "tt") -> type[TNLayer]:
-    """The TN class that replaces `module` in `format` ("tt" or "tr"); ValueError if unsupported."""
+    """The TN class that replaces `module` in `format` ("tt", "tr" or "tucker"); ValueError if unsupported."""
     by_fmt = next((_BY_TYPE[t][1] for t in type(module).__mro__ if t in _BY_TYPE), None)
     if by_fmt is not None:
         if format not in by_fmt:
@@ -43,4 +44,5 @@ def tn_class_for(module: nn.Module, format: str = "tt") -> type[TNLayer]:
 
 __all__ = ["TNLayer", "registry", "layer_from_spec", "tn_class_for", "tn_targets", "SUPPORTED_TYPES",
            "layer_type", "TTLinear", "TRLinear", "TTConv1d", "TTConv2d", "TTConv3d", "TRConv1d", "TRConv2d", "TRConv3d",
-           "TTLSTM", "TRLSTM", "TTGRU", "TRGRU"]
+           "TTLSTM", "TRLSTM", "TTGRU", "TRGRU", "TuckerLinear", "TuckerConv1d", "TuckerConv2d", "TuckerConv3d",
+           "TuckerLSTM", "TuckerGRU"]
