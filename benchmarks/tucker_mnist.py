@@ -233,7 +233,9 @@ def save(result):
     rows = [r for r in old if (r["variant"], str(r["requested"])) not in new_keys] + result["rows"]
     order = {v: i for i, v in enumerate(VARIANTS + ("tucker-shared",))}
     rows.sort(key=lambda r: (order.get(r["variant"], 99), float(str(r["requested"]).split()[-1])))
-    data[result["model"]] = dict(result, rows=rows)
+    prev = data.get(result["model"], {})
+    data[result["model"]] = dict(result, rows=rows,
+                                 admm_epochs=max(result["admm_epochs"], prev.get("admm_epochs") or 0))
     os.makedirs(os.path.dirname(JSON), exist_ok=True)
     with open(JSON, "w") as f:
         json.dump(data, f, indent=1)
