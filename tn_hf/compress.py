@@ -192,7 +192,12 @@ def plan(model: nn.Module, config) -> list[Target]:
         targets.append(Target(name, module, cls, spec))
 
     if config.compression_ratio is not None and targets:
-        _allocate(model, targets, config)
+        pinned = getattr(model, "tn_hf_pinned_ranks", None)  # set by ADMMScheduler: the ranks ADMM trained for
+        if isinstance(pinned, dict) and pinned.get("config") == config.to_dict():
+            targets = [Target(t.name, t.module, t.cls, dict(t.spec, ranks=list(pinned["ranks"][t.name])))
+                       if t.name in pinned["ranks"] else t for t in targets]
+        else:
+            _allocate(model, targets, config)
     return targets
 
 
