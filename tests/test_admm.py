@@ -235,7 +235,7 @@ def test_ddp_two_processes_hold_identical_state(tmp_path):
 # ---------------------------------------------------------------------------- prox W-step and defaults
 def test_prox_step_is_the_proximal_operator_and_prox_grad_is_a_noop():
     m = _model()
-    s = ADMMScheduler(m, CFG, rho=0.25)  # w_step="prox"
+    s = ADMMScheduler(m, CFG, rho=0.25, w_step="prox")
     torch.manual_seed(4)
     for k in s.U:
         s.U[k] = torch.randn_like(s.U[k]) * 0.1
@@ -298,6 +298,8 @@ def test_ranks_override_and_its_errors():
     assert ADMMScheduler(_model(), CFG, ranks=r).ranks == r
     with pytest.raises(ValueError, match="targets"):
         ADMMScheduler(_model(), CFG, ranks={"2": [1, 2, 2, 1]})
+    assert ADMMScheduler(_model(), CFG, rho=1e-3).w_step == "grad"  # an explicit rho: gradient units
+    assert ADMMScheduler(_model(), CFG).w_step == "prox"
     with pytest.raises(ValueError, match="w_step"):
         ADMMScheduler(_model(), CFG, w_step="newton")
     with pytest.raises(ValueError, match="total_steps"):

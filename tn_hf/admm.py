@@ -7,7 +7,7 @@ Scaled augmented Lagrangian, per target ``l``::
 
 * W-step, two forms (``w_step``):
 
-  - ``"prox"`` (default; forward-backward splitting): the optimizer takes its ordinary step on
+  - ``"prox"`` (default without an explicit ``rho``; forward-backward splitting): the optimizer takes its ordinary step on
     the loss, then ``step()`` applies the proximal operator of the penalty::
 
         W <- (W + rho * (Z - U)) / (1 + rho)
@@ -15,7 +15,7 @@ Scaled augmented Lagrangian, per target ``l``::
     Here ``rho`` is dimensionless (it is ``lr * rho`` of the gradient form): each step closes the
     fraction ``rho / (1 + rho)`` of the gap to ``Z - U``, whatever the optimizer, learning rate,
     gradient clipping or weight scale. One default therefore fits SGD, Adam, any model.
-  - ``"grad"`` (the paper's form): ``prox_grad_()`` adds ``rho * (W - Z + U)`` to ``W.grad`` before
+  - ``"grad"`` (the paper's form; the default when ``rho`` is given): ``prox_grad_()`` adds ``rho * (W - Z + U)`` to ``W.grad`` before
     the optimizer step (``penalty()`` is the same term as a differentiable tensor); ``rho`` is in
     the units of the loss gradient.
 
@@ -154,16 +154,20 @@ class ADMMScheduler:
     ``rho_schedule`` it stays constant. ``update_every``: an int (optimizer steps between Z/U
     updates) or ``"epoch"`` (call ``epoch_end()``; with ``steps_per_epoch`` given, ``step()`` does
     it itself). ``ranks``: ``{slot name: rank list}`` overriding the planned ranks (a resumed run).
+    ``w_step``: ``"prox"`` or ``"grad"``; None picks ``"prox"`` unless an explicit ``rho`` is given
+    (then ``"grad"``: rho in gradient units, as in the paper and earlier versions).
     """
 
     def __init__(self, model: nn.Module, config, *, total_steps: int | None = None, rho: float | None = None,
-                 update_every=None, rho_schedule=None, w_step: str = "prox", steps_per_epoch: int | None = None,
+                 update_every=None, rho_schedule=None, w_step: str | None = None, steps_per_epoch: int | None = None,
                  ranks: dict | None = None, progress: bool = False):
         from .compress import _as_config, plan
         config = _as_config(config)
         if config.rel_error is not None:
             raise ValueError("ADMMScheduler: TNConfig(rel_error=...) does not fix the ranks; ADMM needs "
                              "TNConfig(ranks=...) or TNConfig(compression_ratio=...)")
+        if w_step is None:  # an explicit rho keeps its meaning of earlier versions (gradient units)
+            w_step = "grad" if rho is not None else "prox"
         if w_step not in W_STEPS:
             raise ValueError(f"ADMMScheduler: w_step={w_step!r}; valid: {W_STEPS}")
         if rho is not None and not rho > 0:
@@ -231,8 +235,9 @@ class ADMMScheduler:
         from .layers import registry
         from .decompositions import ranks_for_ratio
         from .layers.base import normalize_ranks
-        weights = t.cls.dense_weights(t.module)
-        if len(weights) == 1 and "weight" in weights:
+        composite = getattr(t.cls, "composite", False)  # recurrent: every TN matrix of the spec (hidden too)
+        weights = t.cls.dense_weights(t.module, t.spec) if composite else t.cls.dense_weights(t.module)
+        if not composite:
             specs = {"weight": t.spec}
         else:
             specs = t.cls.weight_specs(t.spec)

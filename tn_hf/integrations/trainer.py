@@ -1,8 +1,8 @@
 """ADMMTTCallback: ADMM-TT training inside transformers.Trainer (drives tn_hf.admm.ADMMScheduler).
 
 Defaults: the scheduler's automatic schedule over the run's ``state.max_steps`` (prox W-step,
-rho geometric from 1/T to 1, Z/U every T/50 steps); ``update_every="epoch"``, ``w_step="grad"``
-and a constant ``rho`` give the paper's per-epoch setting.
+rho geometric from 1/T to 10, Z/U every T/50 steps); an explicit ``rho`` with
+``update_every="epoch"`` gives the paper's per-epoch setting (gradient W-step, see tn_hf.admm).
 
 Events used (transformers >= 4.46 / 5.x):
 * on_train_begin: place this callback right after the Trainer's flow callback, so that the ADMM
@@ -59,7 +59,7 @@ def _resume_argument():
 
 class ADMMTTCallback(TrainerCallback):
     def __init__(self, config, *, rho: float | None = None, update_every=None, rho_schedule=None,
-                 w_step: str = "prox", compress_at_end: bool = True, progress: bool | None = None):
+                 w_step: str | None = None, compress_at_end: bool = True, progress: bool | None = None):
         self.config = config
         self.rho = rho
         self.update_every = update_every
