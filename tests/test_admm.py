@@ -46,7 +46,7 @@ def test_targets_and_ranks_from_plan():
 
 def test_prox_grad_is_analytic_and_matches_penalty():
     m = _model()
-    s = ADMMScheduler(m, CFG, rho=0.37)
+    s = ADMMScheduler(m, CFG, rho=0.37, w_step="grad")
     torch.manual_seed(3)
     for k in s.U:
         s.U[k] = torch.randn_like(s.U[k]) * 0.1
@@ -71,7 +71,7 @@ def test_prox_grad_is_analytic_and_matches_penalty():
 
 def test_z_is_the_projection_and_u_the_running_residual():
     m = _model()
-    s = ADMMScheduler(m, CFG, rho=1e-2, update_every=3)
+    s = ADMMScheduler(m, CFG, rho=1e-2, update_every=3, w_step="grad")
     from tn_hf.layers import TTLinear
     for k, z in s.Z.items():  # initial Z = projection of W (U = 0)
         W = m.get_submodule(k).weight.detach()
@@ -106,7 +106,7 @@ def test_z_is_the_projection_and_u_the_running_residual():
 def test_large_rho_drives_primal_residual_to_zero():
     m = _model()
     x, y = _data()
-    s = ADMMScheduler(m, CFG, rho=1e-3, update_every=5,
+    s = ADMMScheduler(m, CFG, rho=1e-3, update_every=5, w_step="grad",
                       rho_schedule={"type": "step", "factor": 10.0, "milestones": [20, 40, 60, 80]})
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
     start = s.residuals()["primal"]
@@ -136,7 +136,8 @@ def test_rho_step_schedule_keeps_scaled_dual_consistent():
 def test_adaptive_rho_balances_residuals():
     m = _model()
     x, y = _data()
-    s = ADMMScheduler(m, CFG, rho=1e-4, update_every=2, rho_schedule={"type": "adaptive", "mu": 10, "tau": 2})
+    s = ADMMScheduler(m, CFG, rho=1e-4, update_every=2, w_step="grad",
+                      rho_schedule={"type": "adaptive", "mu": 10, "tau": 2})
     opt = torch.optim.SGD(m.parameters(), lr=0.05)
     _train(m, opt, s, x, y, 10)
     assert s.rho > 1e-4  # primal >> dual at the start: rho grows
@@ -229,3 +230,126 @@ def test_ddp_two_processes_hold_identical_state(tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert float(a["meta.updates"]) == 3
+
+
+# ---------------------------------------------------------------------------- prox W-step and defaults
+def test_prox_step_is_the_proximal_operator_and_prox_grad_is_a_noop():
+    m = _model()
+    s = ADMMScheduler(m, CFG, rho=0.25, w_step="prox")
+    torch.manual_seed(4)
+    for k in s.U:
+        s.U[k] = torch.randn_like(s.U[k]) * 0.1
+    x, y = _data()
+    nn.functional.cross_entropy(m(x), y).backward()
+    g0 = {n: p.grad.clone() for n, p in m.named_parameters()}
+    s.prox_grad_()
+    assert all(torch.equal(p.grad, g0[n]) for n, p in m.named_parameters())
+    W0 = {k: m.get_submodule(k).weight.detach().clone() for k in s.Z}
+    s.step()
+    for k in s.Z:
+        want = (W0[k] + 0.25 * (s.Z[k] - s.U[k])) / 1.25
+        torch.testing.assert_close(m.get_submodule(k).weight.detach(), want, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("opt", ["sgd_big_lr", "adam_tiny_lr"])
+def test_defaults_reach_the_low_rank_set_for_any_optimizer(opt):
+    m = _model()
+    x, y = _data()
+    T = 60
+    s = ADMMScheduler(m, CFG, total_steps=T)  # automatic: geometric rho 1/T -> 10, Z/U every T // 50
+    assert s.update_every == 1 and s.rho == pytest.approx(1 / T)
+    o = torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9) if opt == "sgd_big_lr" else \
+        torch.optim.Adam(m.parameters(), lr=1e-5)
+    start = s.residuals()["primal"]
+    _train(m, o, s, x, y, T)
+    assert s.rho == pytest.approx(10.0) and s.updates == 60
+    end = s.residuals()["primal"]
+    assert start > 0.3 and end < 0.01, (start, end)
+    report = tn_hf.compress(m, CFG, progress=False)  # the user's own compress call: same ranks, small error
+    assert all(r["rel_error"] < 0.01 for r in report.rows)
+    assert m[2].ranks == s.ranks["2"] and m[4].ranks == s.ranks["4"]
+
+
+def test_one_set_of_ranks_for_compress_with_the_same_ratio_config():
+    from tn_hf.targeting import plan
+    cfg = tn_hf.TNConfig(format="tt", compression_ratio=6.0, min_params=2000)  # global allocation
+    m = _model()
+    s = ADMMScheduler(m, cfg, total_steps=10)
+    with torch.no_grad():  # training changes the spectra: a fresh allocation would pick other ranks
+        m[2].weight.copy_(torch.outer(torch.randn(64), torch.randn(64)) + 1e-3 * torch.randn(64, 64))
+    pinned = {t.name: t.spec["ranks"] for t in plan(m, cfg)}
+    pin = m.__dict__.pop("tn_hf_pinned_ranks")
+    fresh = {t.name: t.spec["ranks"] for t in plan(m, cfg)}
+    m.tn_hf_pinned_ranks = pin
+    assert pinned == s.ranks and fresh != s.ranks
+    other = tn_hf.TNConfig(format="tt", compression_ratio=3.0, min_params=2000)
+    assert {t.name: t.spec["ranks"] for t in plan(m, other)} != s.ranks  # another config: its own ranks
+    m2 = _model()
+    m2.load_state_dict(m.state_dict())
+    tn_hf.compress(m, cfg, progress=False)
+    s.compress(m2, progress=False)
+    for k in s.ranks:
+        assert m.get_submodule(k).ranks == m2.get_submodule(k).ranks == s.ranks[k]
+
+
+def test_ranks_override_and_its_errors():
+    s = ADMMScheduler(_model(), CFG)
+    r = {k: [1, 2, 2, 1] for k in s.ranks}
+    assert ADMMScheduler(_model(), CFG, ranks=r).ranks == r
+    with pytest.raises(ValueError, match="targets"):
+        ADMMScheduler(_model(), CFG, ranks={"2": [1, 2, 2, 1]})
+    assert ADMMScheduler(_model(), CFG, rho=1e-3).w_step == "grad"  # an explicit rho: gradient units
+    assert ADMMScheduler(_model(), CFG).w_step == "prox"
+    with pytest.raises(ValueError, match="w_step"):
+        ADMMScheduler(_model(), CFG, w_step="newton")
+    with pytest.raises(ValueError, match="total_steps"):
+        ADMMScheduler(_model(), CFG, rho_schedule={"type": "geometric", "start": 0.1, "end": 1})
+
+
+def test_save_before_the_first_update_and_progress(tmp_path, capsys):
+    m = _model()
+    s = ADMMScheduler(m, CFG, progress=True)
+    assert "ADMM projections" in capsys.readouterr().err
+    s.save(tmp_path)  # Z and Zprev are equal here: each must still be its own tensor on disk
+    s2 = ADMMScheduler(_model(1), CFG, progress=False)
+    assert "ADMM projections" not in capsys.readouterr().err
+    s2.load(tmp_path)
+    for k in s.Z:
+        assert torch.equal(s2.Z[k], s.Z[k]) and torch.equal(s2.Zprev[k], s.Zprev[k])
+
+
+def test_save_is_atomic_under_a_real_kill(tmp_path):
+    """A child process saves in a loop with growing counters; SIGKILL at a random moment leaves a
+    readable, self-consistent state (metadata and tensors of the same save) and no torn file."""
+    import signal
+    import time
+    code = (
+        "import sys, torch, tn_hf\n"
+        "from torch import nn\n"
+        "from tn_hf.admm import ADMMScheduler\n"
+        "torch.manual_seed(0)\n"
+        "m = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256),"
+        " nn.ReLU(), nn.Linear(256, 4))\n"
+        "s = ADMMScheduler(m, tn_hf.TNConfig(ranks=3, min_params=2000), rho=0.5)\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    s.steps += 1\n"
+        "    for k in s.U: s.U[k].fill_(float(s.steps))\n"
+        "    s.save(sys.argv[1])\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(__file__)),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    for delay in (0.07, 0.23):
+        p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], env=env, stdout=subprocess.PIPE)
+        assert p.stdout.readline().strip() == b"ready"
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        meta = ADMMScheduler.read_meta(str(tmp_path))
+        from safetensors.torch import load_file
+        flat = load_file(os.path.join(tmp_path, "admm_state.safetensors"))
+        assert meta["steps"] >= 1
+        assert all(float(v.flatten()[0]) == meta["steps"] for k, v in flat.items() if k.startswith("U."))
+    leftovers = [f for f in os.listdir(tmp_path) if f.startswith(".admm_state.tmp-")]
+    s = ADMMScheduler(_model(), CFG)
+    s.save(tmp_path)  # the next save removes stale temp files of ours
+    assert sorted(os.listdir(tmp_path)) == ["admm_state.json", "admm_state.safetensors"], leftovers

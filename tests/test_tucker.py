@@ -441,26 +441,11 @@ def test_shared_core_compress_train_save_load(tmp_path):
 
 
 # ----------------------------------------------------------------------------- ADMM through project()
-@pytest.fixture
-def admm_through_project(monkeypatch):
-    """ADMMScheduler with its Z-step through decompositions.project (the wiring admm.py gets):
-    ``_project`` dispatches on the layer's format, and Tucker rank lists pass as they are."""
-    from tn_hf import admm
-    from tn_hf import decompositions as D
-    from tn_hf.layers import base
-    norm = base.normalize_ranks
-    monkeypatch.setattr(base, "normalize_ranks", lambda r, modes, fmt, where="layer":
-                        list(r) if fmt == "tucker" else norm(r, modes, fmt, where))
-    monkeypatch.setattr(admm.ADMMScheduler, "_project", lambda self, s, x: s.cls.detensorize(
-        D.project(s.cls.tensorize(x, s.spec), s.ranks, s.cls.format), s.spec).reshape(x.shape))
-    return admm.ADMMScheduler
-
-
-def test_admm_with_tucker_format(admm_through_project):
+def test_admm_with_tucker_format():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
     cfg = tn_hf.TNConfig(format="tucker", compression_ratio=8, min_params=2000)
-    sched = admm_through_project(model, cfg, rho=1e-2, update_every=2)
+    sched = tn_hf.ADMMScheduler(model, cfg, rho=1e-2, update_every=2)
     ranks = sched.ranks["2"]
     assert len(ranks) == 4 and tucker_params([8, 8, 8, 8], ranks) <= 64 * 64 / 8
     z = sched.Z["2"].reshape(8, 8, 8, 8)

@@ -5,21 +5,44 @@ Scaled augmented Lagrangian, per target ``l``::
 
     loss(W) + rho/2 * ||W_l - Z_l + U_l||^2
 
-* W-step: ordinary optimizer steps on the loss plus the proximal gradient
-  ``rho * (W - Z + U)`` (``prox_grad_()`` adds it to ``W.grad``; ``penalty()`` is the same
-  term as a differentiable tensor for setups where the optimizer steps inside backward).
+* W-step, two forms (``w_step``):
+
+  - ``"prox"`` (default without an explicit ``rho``; forward-backward splitting): the optimizer takes its ordinary step on
+    the loss, then ``step()`` applies the proximal operator of the penalty::
+
+        W <- (W + rho * (Z - U)) / (1 + rho)
+
+    Here ``rho`` is dimensionless (it is ``lr * rho`` of the gradient form): each step closes the
+    fraction ``rho / (1 + rho)`` of the gap to ``Z - U``, whatever the optimizer, learning rate,
+    gradient clipping or weight scale. One default therefore fits SGD, Adam, any model.
+  - ``"grad"`` (the paper's form; the default when ``rho`` is given): ``prox_grad_()`` adds ``rho * (W - Z + U)`` to ``W.grad`` before
+    the optimizer step (``penalty()`` is the same term as a differentiable tensor); ``rho`` is in
+    the units of the loss gradient.
+
 * Z-step (every ``update_every`` optimizer steps, or per epoch)::
 
       Z = detensorize(project(tensorize(W + U), ranks))      # tt_project / tr_project
 
-* U-step: ``U += W - Z``.
+* U-step: ``U += W - Z`` (grad form; the prox form damps it to ``U += a (W - Z)`` with
+  ``a = min(1, k rho / (1 + rho))``, the part of the gap its k steps since the last update
+  closed, see ``_dual_step``). A change of rho rescales U so that the unscaled dual ``rho * U`` stays.
 
-The targets and their ranks come from ``tn_hf.targeting.plan(model, config)``, so the final
-``compress`` decomposes at exactly the ranks ADMM trained for (``ADMMScheduler.compress``
-pins them). Under DDP rank 0 computes Z and U and broadcasts them: every rank holds the same
-state. ``state_dict()`` / ``load_state_dict()`` make it a checkpointable object for
-``accelerator.register_for_checkpointing``; ``save(dir)`` / ``load(dir)`` write
-``admm_state.safetensors`` + ``admm_state.json`` (used by the Trainer callback).
+Default schedule (``total_steps`` known, e.g. the Trainer's ``max_steps``): rho grows
+geometrically from ``1 / total_steps`` to ``10`` over the run (prox form), ``rho_t = rho_0 *
+(rho_1 / rho_0) ** (t / T)``, and Z/U are updated every ``max(1, T // 50)`` steps. Early on the
+loss dominates and the weights move towards the low-rank set slowly (the pull integrated over the
+first half of the run is a few e-folds); in the last part every step closes most of the gap while
+the loss keeps adapting the weights inside the low-rank set, so the run ends with a small primal
+residual ``||W - Z|| / ||W||`` (about 1e-3 on the MNIST benchmark) and decomposing loses little.
+
+The targets and their ranks come from ``tn_hf.targeting.plan(model, config)``; the scheduler pins
+those ranks on the model (``model.tn_hf_pinned_ranks``), and ``plan`` honours the pin for the same
+config, so ``sched.compress()``, the Trainer callback's ``compress_at_end`` and
+``tn_hf.compress(model, config)`` all decompose at exactly the ranks ADMM trained for. Under DDP
+rank 0 computes Z and U and broadcasts them: every rank holds the same state. ``state_dict()`` /
+``load_state_dict()`` make it a checkpointable object for ``accelerator.register_for_checkpointing``;
+``save(dir)`` / ``load(dir)`` write ``admm_state.safetensors`` (Z, U, Zprev; the counters, rho and
+ranks in its metadata) atomically, plus a readable copy ``admm_state.json``.
 """
 from __future__ import annotations
 
@@ -32,11 +55,37 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+
+from . import decompositions as D
 from .config import TNConfig
+from .convert import compress
+from .decompositions import ranks_for_ratio
+from .layers import registry
+from .layers.base import normalize_ranks
+from .targeting import as_config, plan
 
 STATE_TENSORS = "admm_state.safetensors"
 STATE_JSON = "admm_state.json"
 _KINDS = ("Z", "U", "Zprev")
+_TMP_PREFIX = ".admm_state.tmp-"
+
+
+def _write_atomic(directory: str, name: str, data: bytes):
+    """Write ``directory/name`` so that a crash leaves the old file or the new one, never a torn one."""
+    tmp = os.path.join(directory, f"{_TMP_PREFIX}{os.getpid()}-{name}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 @dataclass
@@ -66,11 +115,18 @@ def _dist():
     return d if d.is_available() and d.is_initialized() else None
 
 
+W_STEPS = ("prox", "grad")
+AUTO_UPDATES = 50          # Z/U updates over a run of known length (update_every=None)
+AUTO_RHO_END = 10.0        # prox rho at the end of the automatic schedule (each step closes 10/11 of the gap)
+
+
 def _check_schedule(rho_schedule):
     if rho_schedule is None or rho_schedule == "constant":
         return None
-    if not isinstance(rho_schedule, dict) or rho_schedule.get("type") not in ("constant", "step", "adaptive"):
-        raise ValueError(f"ADMMScheduler: rho_schedule={rho_schedule!r}; valid: None/'constant', "
+    valid = ("constant", "step", "adaptive", "geometric")
+    if not isinstance(rho_schedule, dict) or rho_schedule.get("type") not in valid:
+        raise ValueError(f"ADMMScheduler: rho_schedule={rho_schedule!r}; valid: None (automatic), 'constant', "
+                         "{'type': 'geometric', 'start': a, 'end': b} (over total_steps), "
                          "{'type': 'step', 'factor': f, 'milestones': [steps...]} or "
                          "{'type': 'adaptive', 'mu': 10, 'tau': 2}")
     s = dict(rho_schedule)
@@ -80,6 +136,9 @@ def _check_schedule(rho_schedule):
         if "factor" not in s or "milestones" not in s:
             raise ValueError("ADMMScheduler: step rho_schedule needs 'factor' and 'milestones'")
         s["milestones"] = sorted(int(m) for m in s["milestones"])
+    elif s["type"] == "geometric":
+        if not (float(s.get("start", 0)) > 0 and float(s.get("end", 0)) > 0):
+            raise ValueError(f"ADMMScheduler: geometric rho_schedule needs 'start' > 0 and 'end' > 0, got {s}")
     else:
         s.setdefault("mu", 10.0)
         s.setdefault("tau", 2.0)
@@ -89,36 +148,63 @@ def _check_schedule(rho_schedule):
 
 
 class ADMMScheduler:
-    """Z/U state, proximal gradient, projections and rho schedule for ADMM-TT training.
+    """Z/U state, W-step, projections and rho schedule for ADMM-TT training.
 
     Accelerate loop::
 
+        sched = ADMMScheduler(model, cfg, total_steps=n_optimizer_steps)   # defaults: automatic
+        ...
         loss.backward()
         if accelerator.sync_gradients:      # once per real optimizer step
-            sched.prox_grad_()              # after unscale/clip
-            optimizer.step(); sched.step()
+            sched.prox_grad_()              # after unscale/clip (a no-op for w_step="prox")
+            optimizer.step(); sched.step()  # prox W-step, rho schedule, Z/U on schedule
 
-    ``update_every``: an int (optimizer steps between Z/U updates) or ``"epoch"`` (call
-    ``epoch_end()``; with ``steps_per_epoch`` given, ``step()`` does it itself).
+    ``total_steps``: optimizer steps of the whole run; enables the automatic rho schedule and Z/U
+    cadence (see the module docstring). ``rho``: the (initial) penalty; given without a
+    ``rho_schedule`` it stays constant. ``update_every``: an int (optimizer steps between Z/U
+    updates) or ``"epoch"`` (call ``epoch_end()``; with ``steps_per_epoch`` given, ``step()`` does
+    it itself). ``ranks``: ``{slot name: rank list}`` overriding the planned ranks (a resumed run).
+    ``w_step``: ``"prox"`` or ``"grad"``; None picks ``"prox"`` unless an explicit ``rho`` is given
+    (then ``"grad"``: rho in gradient units, as in the paper and earlier versions).
     """
 
-    def __init__(self, model: nn.Module, config, *, rho: float = 1e-3, update_every=100,
-                 rho_schedule=None, steps_per_epoch: int | None = None, progress: bool = False):
-        from .targeting import as_config as _as_config, plan
-        config = _as_config(config)
+    def __init__(self, model: nn.Module, config, *, total_steps: int | None = None, rho: float | None = None,
+                 update_every=None, rho_schedule=None, w_step: str | None = None, steps_per_epoch: int | None = None,
+                 ranks: dict | None = None, progress: bool = False):
+        config = as_config(config)
         if config.rel_error is not None:
             raise ValueError("ADMMScheduler: TNConfig(rel_error=...) does not fix the ranks; ADMM needs "
                              "TNConfig(ranks=...) or TNConfig(compression_ratio=...)")
-        if not rho > 0:
+        if w_step is None:  # an explicit rho keeps its meaning of earlier versions (gradient units)
+            w_step = "grad" if rho is not None else "prox"
+        if w_step not in W_STEPS:
+            raise ValueError(f"ADMMScheduler: w_step={w_step!r}; valid: {W_STEPS}")
+        if rho is not None and not rho > 0:
             raise ValueError(f"ADMMScheduler: rho={rho} must be > 0")
+        if total_steps is not None and not (isinstance(total_steps, int) and total_steps >= 1):
+            raise ValueError(f"ADMMScheduler: total_steps={total_steps!r}; valid: None or an int >= 1")
+        if update_every is None:
+            update_every = max(1, total_steps // AUTO_UPDATES) if total_steps else 20
         if update_every != "epoch" and not (isinstance(update_every, int) and update_every >= 1):
-            raise ValueError(f"ADMMScheduler: update_every={update_every!r}; valid: an int >= 1 or 'epoch'")
+            raise ValueError(f"ADMMScheduler: update_every={update_every!r}; valid: None (automatic), "
+                             "an int >= 1 or 'epoch'")
+        if rho_schedule is None and rho is None and total_steps and w_step == "prox":
+            rho_schedule = {"type": "geometric", "start": 1.0 / total_steps, "end": AUTO_RHO_END}
+        self.rho_schedule = _check_schedule(rho_schedule)
+        if self.rho_schedule is not None and self.rho_schedule["type"] == "geometric":
+            if not total_steps:
+                raise ValueError("ADMMScheduler: a geometric rho_schedule runs over total_steps; pass total_steps=")
+            rho = float(self.rho_schedule["start"])
+        if rho is None:
+            rho = 1e-2 if w_step == "prox" else 1e-3
         self.model = _unwrap(model)
         self.config = config
         self.rho = float(rho)
+        self.w_step = w_step
+        self.total_steps = total_steps
         self.update_every = update_every
-        self.rho_schedule = _check_schedule(rho_schedule)
         self.steps_per_epoch = steps_per_epoch
+        self.progress = progress
         self.steps = 0
         self.epochs = 0
         self.updates = 0
@@ -128,11 +214,18 @@ class ADMMScheduler:
             self.slots.extend(self._slots_for(t))
         if not self.slots:
             raise ValueError(f"ADMMScheduler: no target in {type(self.model).__name__} for {config}")
+        if ranks is not None:
+            if set(ranks) != {s.name for s in self.slots}:
+                raise ValueError(f"ADMMScheduler: ranks= names {sorted(ranks)}; this model's targets for "
+                                 f"{config} are {sorted(s.name for s in self.slots)}")
+            for s in self.slots:
+                s.ranks = [int(r) for r in ranks[s.name]]
         for s in self.slots:
             if _is_dtensor(s.param):
                 raise ValueError(f"ADMMScheduler: {s.name} is a DTensor (FSDP2 / tensor parallel); ADMM needs "
                                  "full weights on every rank: use DDP, or gather the model (full_tensor()) "
                                  "before building the scheduler")
+        self._pin()
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.Zprev: dict[str, torch.Tensor] = {}
@@ -141,13 +234,16 @@ class ADMMScheduler:
                 self.U[s.name] = torch.zeros_like(s.param, dtype=torch.float32)
             self._project_all(first=True)
 
+    def _pin(self):
+        """Record the ranks on the model: plan(model, same config) then uses them (one set of ranks)."""
+        leaf = {s.target: list(s.ranks) for s in self.slots if s.name == s.target}
+        self.model.tn_hf_pinned_ranks = {"config": self.config.to_dict(), "ranks": leaf}
+
     # ------------------------------------------------------------------ targets
     def _slots_for(self, t) -> list[_Slot]:
-        from .layers import registry
-        from .decompositions import ranks_for_ratio
-        from .layers.base import normalize_ranks
-        weights = t.cls.dense_weights(t.module)
-        if len(weights) == 1 and "weight" in weights:
+        composite = getattr(t.cls, "composite", False)  # recurrent: every TN matrix of the spec (hidden too)
+        weights = t.cls.dense_weights(t.module, t.spec) if composite else t.cls.dense_weights(t.module)
+        if not composite:
             specs = {"weight": t.spec}
         else:
             specs = t.cls.weight_specs(t.spec)
@@ -169,37 +265,53 @@ class ADMMScheduler:
         return {s.name: list(s.ranks) for s in self.slots}
 
     def _project(self, s: _Slot, x: torch.Tensor) -> torch.Tensor:
-        from . import decompositions as D
-        proj = D.tt_project if s.cls.format == "tt" else D.tr_project
-        return s.cls.detensorize(proj(s.cls.tensorize(x, s.spec), s.ranks), s.spec).reshape(x.shape)
+        return s.cls.detensorize(D.project(s.cls.tensorize(x, s.spec), s.ranks, s.cls.format),
+                                 s.spec).reshape(x.shape)
 
     def _project_all(self, first=False):
         """Z-step and U-step for every slot; rank 0 computes, then broadcasts."""
         t0 = time.perf_counter()
         dist = _dist()
         compute = dist is None or dist.get_rank() == 0
-        for s in self.slots:
+        alpha = self._dual_step()
+        slots = tqdm(self.slots, desc="ADMM projections", leave=False,
+                     disable=not (first and self.progress and compute))
+        for s in slots:
             W = s.param.detach().float()
             if compute:
                 Z = self._project(s, W + self.U[s.name])
-                U = self.U[s.name] if first else self.U[s.name] + W - Z
+                U = self.U[s.name] if first else self.U[s.name] + alpha * (W - Z)
             else:
                 Z, U = torch.empty_like(W), torch.empty_like(W)
             if dist is not None:
                 dist.broadcast(Z, 0)
                 dist.broadcast(U, 0)
-            self.Zprev[s.name] = Z if first else self.Z[s.name]
+            self.Zprev[s.name] = Z.clone() if first else self.Z[s.name]
             self.Z[s.name] = Z
             self.U[s.name] = U
+        self._last_update = self.steps
         if not first:
             self.updates += 1
             self._adapt_rho()
         self.update_seconds += time.perf_counter() - t0
 
+    def _dual_step(self) -> float:
+        """U-step size: 1 (ADMM) for the grad form; for the prox form min(1, k rho / (1 + rho)), the
+        fraction of the gap the k prox steps since the last update closed, so the dual does not run
+        ahead of a W-step that is far from exact (which would make W oscillate around Z)."""
+        if self.w_step == "grad":
+            return 1.0
+        k = self.steps - getattr(self, "_last_update", 0)
+        return min(1.0, k * self.rho / (1.0 + self.rho))
+
     # ------------------------------------------------------------------ training hooks
     @torch.no_grad()
     def prox_grad_(self):
-        """Add rho * (W - Z + U) to every target's .grad (once per real optimizer step)."""
+        """Grad W-step: add rho * (W - Z + U) to every target's .grad (once per real optimizer step).
+
+        A no-op for w_step="prox" (there ``step()`` applies the proximal operator)."""
+        if self.w_step != "grad":
+            return
         for s in self.slots:
             g = (s.param.detach().float() - self.Z[s.name] + self.U[s.name]).mul_(self.rho)
             if s.param.grad is None:
@@ -215,12 +327,26 @@ class ADMMScheduler:
             total = term if total is None else total + term
         return 0.5 * self.rho * total
 
+    @torch.no_grad()
+    def prox_(self):
+        """Prox W-step: W <- (W + rho (Z - U)) / (1 + rho) for every target (w_step="prox")."""
+        c = 1.0 / (1.0 + self.rho)
+        for s in self.slots:
+            W = s.param.detach()
+            new = (W.float() + self.rho * (self.Z[s.name] - self.U[s.name])).mul_(c)
+            W.copy_(new.to(W.dtype))
+
     def step(self):
-        """Count one optimizer step; rho milestones; Z/U update when due."""
+        """After one optimizer step: prox W-step, rho schedule, Z/U update when due."""
+        if self.w_step == "prox":
+            self.prox_()
         self.steps += 1
         sch = self.rho_schedule
         if sch is not None and sch["type"] == "step" and self.steps in sch["milestones"]:
             self._set_rho(self.rho * float(sch["factor"]))
+        elif sch is not None and sch["type"] == "geometric":
+            t = min(self.steps / self.total_steps, 1.0)
+            self._set_rho(float(sch["start"]) * (float(sch["end"]) / float(sch["start"])) ** t)
         if self.update_every == "epoch":
             if self.steps_per_epoch and self.steps % self.steps_per_epoch == 0:
                 self.epoch_end()
@@ -240,6 +366,8 @@ class ADMMScheduler:
 
     def _set_rho(self, new: float):
         """Change rho keeping the unscaled dual Y = rho * U fixed."""
+        if new == self.rho:
+            return
         scale = self.rho / new
         for k in self.U:
             self.U[k].mul_(scale)
@@ -281,8 +409,9 @@ class ADMMScheduler:
 
     def _meta(self) -> dict:
         return {"rho": self.rho, "steps": self.steps, "epochs": self.epochs, "updates": self.updates,
-                "update_every": self.update_every, "ranks": self.ranks,
-                "update_seconds": self.update_seconds}
+                "update_every": self.update_every, "last_update": self._last_update, "w_step": self.w_step,
+                "total_steps": self.total_steps,
+                "ranks": self.ranks, "update_seconds": self.update_seconds}
 
     def load_state_dict(self, state: dict):
         meta = state["meta"]
@@ -299,19 +428,38 @@ class ADMMScheduler:
         self.rho = float(meta["rho"])
         self.steps, self.epochs, self.updates = int(meta["steps"]), int(meta["epochs"]), int(meta["updates"])
         self.update_seconds = float(meta.get("update_seconds", 0.0))
+        self._last_update = int(meta.get("last_update", self.steps))
 
-    def save(self, directory: str):
-        """Write admm_state.safetensors (Z, U, Zprev) + admm_state.json (rho, counters, ranks)."""
-        from safetensors.torch import save_file
+    def save(self, directory: str, *, tag: str | None = None):
+        """Write admm_state.safetensors (Z, U, Zprev; rho, counters, ranks and ``tag`` in its metadata)
+        and the readable copy admm_state.json, each atomically (temp file, fsync, os.replace)."""
         os.makedirs(directory, exist_ok=True)
-        tensors = {f"{kind}.{k}": v.detach().cpu().contiguous()
+        for f in os.listdir(directory):  # temp files of an interrupted earlier save
+            if f.startswith(_TMP_PREFIX):
+                try:
+                    os.remove(os.path.join(directory, f))
+                except OSError:
+                    pass
+        meta = dict(self._meta(), tag=tag)
+        tensors = {f"{kind}.{k}": v.detach().to("cpu", copy=True).contiguous()  # own storage each
                    for kind in _KINDS for k, v in getattr(self, kind).items()}
-        save_file(tensors, os.path.join(directory, STATE_TENSORS))
-        with open(os.path.join(directory, STATE_JSON), "w") as f:
-            json.dump(self._meta(), f, indent=1)
+        _write_atomic(directory, STATE_TENSORS, save(tensors, metadata={"tn_hf_admm": json.dumps(meta)}))
+        _write_atomic(directory, STATE_JSON, json.dumps(meta, indent=1).encode())
+
+    @staticmethod
+    def read_meta(directory: str) -> dict | None:
+        """The saved rho, counters, ranks and tag of ``directory`` (None if it holds no ADMM state)."""
+        path = os.path.join(directory, STATE_TENSORS)
+        if not os.path.isfile(path):
+            return None
+        with safe_open(path, framework="pt") as f:
+            meta = (f.metadata() or {}).get("tn_hf_admm")
+        if meta is None:  # written before the metadata existed
+            with open(os.path.join(directory, STATE_JSON)) as fh:
+                return json.load(fh)
+        return json.loads(meta)
 
     def load(self, directory: str):
-        from safetensors.torch import load_file
         path = os.path.join(directory, STATE_TENSORS)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ADMMScheduler.load: no {STATE_TENSORS} in {directory}")
@@ -320,8 +468,7 @@ class ADMMScheduler:
         for key, v in flat.items():
             kind, _, name = key.partition(".")
             state[kind][name] = v
-        with open(os.path.join(directory, STATE_JSON)) as f:
-            state["meta"] = json.load(f)
+        state["meta"] = self.read_meta(directory)
         self.load_state_dict(state)
 
     # ------------------------------------------------------------------ the end
@@ -338,8 +485,10 @@ class ADMMScheduler:
         return TNConfig.from_dict(d)
 
     def compress(self, model: nn.Module | None = None, *, progress: bool = True):
-        """Decompose the targets in place at the ADMM ranks (tn_hf.compress); returns its report."""
-        from .convert import compress
-        return compress(_unwrap(model) if model is not None else self.model, self.compress_config(),
-                        progress=progress)
+        """Decompose the targets in place at the ADMM ranks: ``tn_hf.compress(model, config)``, which
+        honours the ranks pinned on the model; returns its report."""
+        model = _unwrap(model) if model is not None else self.model
+        if model is not self.model:
+            model.tn_hf_pinned_ranks = self.model.tn_hf_pinned_ranks
+        return compress(model, self.config, progress=progress, method="admm")
 

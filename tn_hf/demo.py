@@ -79,8 +79,8 @@ class SmallCNN(nn.Module):
 # ----------------------------------------------------------------------------- train / eval
 def train(model, loader, epochs: int, sched=None, *, lr: float = 2e-3, desc: str = "train",
           progress: bool = True, cosine: bool | None = None) -> float:
-    """Adam + cosine LR (constant LR under ADMM unless cosine=True: a vanishing LR would stop W
-    from following Z when rho is largest). With an ADMMScheduler: proximal gradient before every step, Z/U on schedule.
+    """Adam + cosine LR (constant LR under ADMM unless cosine=True). With an ADMMScheduler: its
+    W-step around every optimizer step (prox_grad_ before, step after), Z/U on schedule.
     Returns the seconds spent in ADMM Z/U updates."""
     from tqdm.auto import tqdm
     if epochs <= 0:
@@ -185,16 +185,17 @@ def n_params(model) -> int:
 
 # ----------------------------------------------------------------------------- experiment
 def compare(dense, train_loader, test_loader, config: TNConfig, *, admm_epochs: int, finetune_epochs: int,
-            rho: float = 1e-2, rho_schedule=None, update_every=10, progress: bool = True,
-            lr: float = 1e-3) -> dict:
+            progress: bool = True, lr: float = 1e-3, **admm_kwargs) -> dict:
     """(a) direct decomposition + (admm_epochs + finetune_epochs) fine-tuning vs (b) ADMM for
-    admm_epochs + decomposition + finetune_epochs fine-tuning, both from the trained ``dense``."""
+    admm_epochs + decomposition + finetune_epochs fine-tuning, both from the trained ``dense``.
+    ADMM runs at the scheduler's defaults over its known length unless ``admm_kwargs`` (rho,
+    rho_schedule, update_every, w_step) say otherwise."""
     from .admm import ADMMScheduler
     from .convert import compress
     out = {}
     # (b) ADMM first: its ranks are pinned and reused for (a) so both use identical ranks
     m_b = copy.deepcopy(dense)
-    sched = ADMMScheduler(m_b, config, rho=rho, update_every=update_every, rho_schedule=rho_schedule)
+    sched = ADMMScheduler(m_b, config, total_steps=admm_epochs * len(train_loader), **admm_kwargs)
     t0 = time.perf_counter()
     admm_s = train(m_b, train_loader, admm_epochs, sched, lr=lr, desc="ADMM", progress=progress)
     admm_total = time.perf_counter() - t0
@@ -234,9 +235,7 @@ def run_demo(ratio: float = 8.0, format: str = "tt", epochs: int = 3, admm_epoch
     acc_dense = evaluate(dense, test_loader)
     cfg = TNConfig(format=format, compression_ratio=ratio, allocation="uniform")
     res = compare(dense, train_loader, test_loader, cfg, admm_epochs=admm_epochs, finetune_epochs=finetune_epochs,
-                  rho=1e-2, rho_schedule={"type": "step", "factor": 10.0,
-                                          "milestones": _milestones(admm_epochs * len(train_loader))},
-                  update_every=10, progress=progress)
+                  progress=progress)  # ADMM at the scheduler's defaults
     rows = []
     for label, m, a0, a1 in (("dense", dense, None, acc_dense),
                              ("direct TT" if format == "tt" else "direct TR", res["direct"]["model"],
@@ -253,11 +252,6 @@ def run_demo(ratio: float = 8.0, format: str = "tt", epochs: int = 3, admm_epoch
     result["reload_identical"] = _save_and_reload(res["admm"]["model"], out_dir, test_loader,
                                                   report=res["admm"]["report"])
     return result
-
-
-def _milestones(total_steps: int) -> list[int]:
-    """rho x10 at 25%, 50%, 75% of the ADMM steps (1e-2 -> 10)."""
-    return [max(1, int(total_steps * f)) for f in (0.25, 0.5, 0.75)]
 
 
 def _save_and_reload(model, out_dir, test_loader, report=None):

@@ -200,7 +200,12 @@ def plan(model: nn.Module, config) -> list[Target]:
         raise ValueError(f"target_modules {explicit} match only modules of types {types}, none of which can be "
                          f"compressed; supported types: {list(SUPPORTED_TYPES)} (layer_types={config.layer_types})"
                          + ("; transformers' Conv1D (GPT-2 style) is not supported yet" if "Conv1D" in types else ""))
-    if config.format == "tucker":  # per-layer ranks / ADA reshaping / shared core (layers.tucker)
+    pinned = getattr(model, "tn_hf_pinned_ranks", None)  # set by ADMMScheduler: the ranks ADMM trained for
+    if config.compression_ratio is not None and isinstance(pinned, dict) and pinned.get("config") == config.to_dict():
+        for t in targets:
+            if t.name in pinned["ranks"]:
+                t.spec = dict(t.spec, ranks=list(pinned["ranks"][t.name]))
+    elif config.format == "tucker":  # per-layer ranks / ADA reshaping / shared core (layers.tucker)
         plan_tucker(targets, config)
     elif config.compression_ratio is not None and targets:
         _allocate(model, targets, config)

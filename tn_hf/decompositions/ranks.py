@@ -9,10 +9,11 @@ from torch import Tensor
 
 from .tr import tr_ranks
 from .tt import check_tensor, tt_ranks, unfolding_spectrum
+from .tucker import tucker_ranks_for_ratio
 
 __all__ = ["tn_params", "ranks_for_ratio", "allocate_ranks", "allocation_summary"]
 
-_FORMATS = ("tt", "tr")
+CHAIN_FORMATS = ("tt", "tr")  # chains of 3-way cores (Tucker: decompositions.tucker)
 
 
 def tn_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
@@ -32,8 +33,10 @@ def ranks_for_ratio(shape: Sequence[int], ratio: float, format: str = "tt") -> l
 
     Returns the rank-1 list when even that exceeds the budget.
     """
-    if format not in _FORMATS:
-        raise ValueError(f"ranks_for_ratio: format must be one of {_FORMATS}, got {format!r}")
+    if format == "tucker":
+        return tucker_ranks_for_ratio(shape, ratio)
+    if format not in CHAIN_FORMATS:
+        raise ValueError(f"ranks_for_ratio: format must be one of {CHAIN_FORMATS + ('tucker',)}, got {format!r}")
     if not ratio > 0:
         raise ValueError(f"ranks_for_ratio: ratio must be > 0, got {ratio}")
     shape = [int(n) for n in shape]
@@ -65,8 +68,9 @@ def ranks_for_ratio(shape: Sequence[int], ratio: float, format: str = "tt") -> l
 
 
 def _validate(tensors, format, compression_ratio, budget, flops_per_param, allocation):
-    if format not in _FORMATS:
-        raise ValueError(f"allocate_ranks: format must be one of {_FORMATS}, got {format!r}")
+    if format not in CHAIN_FORMATS:
+        raise ValueError(f"allocate_ranks: format must be one of {CHAIN_FORMATS} (Tucker: tucker_allocate), "
+                         f"got {format!r}")
     if budget not in ("params", "flops"):
         raise ValueError(f"allocate_ranks: budget must be 'params' or 'flops', got {budget!r}")
     if allocation not in ("global", "uniform"):

@@ -22,9 +22,11 @@ import math
 import torch
 from torch import nn
 
+from .. import decompositions as D
+from ..config import FORMATS
+
 registry: dict[str, type] = {}
 
-FORMATS = ("tt", "tr")
 
 
 def _prod(xs) -> int:
@@ -62,9 +64,13 @@ def cores_to_full(cores) -> torch.Tensor:
 def normalize_ranks(ranks, modes, fmt: str, where: str = "layer") -> list[int]:
     """Full rank list (length d+1) from an int or a list (tn_hf.decompositions.tt_ranks/tr_ranks:
     an int is clipped to what the shape allows, a list that does not fit is a ValueError)."""
-    from .. import decompositions as D
     if fmt not in FORMATS:
         raise ValueError(f"{where}: format {fmt!r} is not supported; valid: {FORMATS}")
+    if fmt == "tucker":
+        try:
+            return D.tucker_ranks(list(modes), ranks)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where}: {e}") from None
     if ranks is None:
         raise ValueError(f"{where}: ranks are required (int or list of {len(modes) + 1} ints) for modes {tuple(modes)}")
     d = len(modes)
@@ -82,7 +88,6 @@ def normalize_ranks(ranks, modes, fmt: str, where: str = "layer") -> list[int]:
 
 
 def _decomp(fmt):
-    from .. import decompositions as D
     return D.tt_svd if fmt == "tt" else D.tr_svd
 
 
