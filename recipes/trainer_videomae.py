@@ -27,9 +27,9 @@ import os
 from pathlib import Path
 
 import torch
-from _lib import data, flags, models, output  # noqa: I001  (recipes/ is on sys.path when the script runs)
 
-import tn_hf
+from _lib import data, flags, models, output  # noqa: I001  (recipes/ is on sys.path when the script runs)
+import tn_hf  # after _lib: it puts a source checkout on sys.path
 
 DEFAULTS = dict(dataset="mnist-5k", image_size=32, batch_size=32, compression_ratio=3.0, budget="params",
                 rho=1e-3, update_every="epoch", admm_epochs=5, finetune_epochs=3, lr=1e-3, finetune_lr=5e-4,
@@ -84,13 +84,20 @@ def trainer(args, model, train, test, *, phase: str, epochs: float, lr: float, c
                    compute_metrics=compute_metrics, callbacks=list(callbacks))
 
 
-def evaluate(t, metrics: dict, phase: str) -> dict:
-    """Trainer evaluation as ``{"top1", "top5", "loss", "n"}`` stored under ``metrics["phases"][phase]``."""
-    ev = t.evaluate()
-    metrics["phases"][phase] = {"top1": ev["eval_top1"], "top5": ev["eval_top5"], "loss": ev["eval_loss"],
-                                "n": len(t.eval_dataset)}
-    print(f"{phase}:", metrics["phases"][phase])
+def train(t, metrics: dict, phase: str) -> dict:
+    """``t.train()``; its steps and loss go to ``metrics["phases"][phase]``."""
+    out = t.train()
+    metrics["phases"][phase] = {"steps": out.global_step, "train_loss": out.training_loss}
     return metrics["phases"][phase]
+
+
+def evaluate(t, metrics: dict, phase: str) -> dict:
+    """``t.evaluate()`` as ``{"top1", "top5", "loss", "n"}``, added to ``metrics["phases"][phase]``."""
+    ev = t.evaluate()
+    ev = {"top1": ev["eval_top1"], "top5": ev["eval_top5"], "loss": ev["eval_loss"], "n": len(t.eval_dataset)}
+    metrics["phases"].setdefault(phase, {}).update(ev)
+    print(f"{phase}:", metrics["phases"][phase])
+    return ev
 
 
 def main(argv=None):
@@ -98,7 +105,7 @@ def main(argv=None):
     from transformers import set_seed
 
     set_seed(args.seed)
-    train, test, num_classes = clip_data(args)
+    train_set, test_set, num_classes = clip_data(args)
     model = models.videomae(args.model, num_labels=num_classes, frames=args.frames, image_size=args.image_size,
                             patch_size=args.patch_size, hidden_size=args.hidden_size, layers=args.layers)
     cfg = flags.tn_config(args, layer_types=["linear"])
@@ -108,8 +115,8 @@ def main(argv=None):
 
     # ADMM-regularised training through the Trainer callback (decomposition is the next, explicit phase)
     cb = tn_hf.ADMMTTCallback(cfg, rho=args.rho, update_every=args.update_every, compress_at_end=False)
-    t = trainer(args, model, train, test, phase="admm", epochs=args.admm_epochs, lr=args.lr, callbacks=[cb])
-    t.train()
+    t = trainer(args, model, train_set, test_set, phase="admm", epochs=args.admm_epochs, lr=args.lr, callbacks=[cb])
+    train(t, metrics, "admm")
     evaluate(t, metrics, "admm")
 
     # decompose at the ranks ADMM trained for
@@ -118,10 +125,11 @@ def main(argv=None):
     metrics.update(output.compression_metrics(report))
 
     # fine-tune the TT/TR model, evaluate
-    t = trainer(args, model, train, test, phase="finetune", epochs=args.finetune_epochs, lr=args.finetune_lr)
+    t = trainer(args, model, train_set, test_set, phase="finetune", epochs=args.finetune_epochs,
+                lr=args.finetune_lr)
     evaluate(t, metrics, "decomposed")
-    t.train()
-    metrics["final"] = evaluate(t, metrics, "finetune")
+    train(t, metrics, "finetune")
+    metrics["final"] = evaluate(t, metrics, "final")
 
     # save: transformers layout + model card + metrics.json (+ push)
     if t.is_world_process_zero():

@@ -138,6 +138,34 @@ def test_mnist_clips_are_real_digits_moving():
     assert n == 10 and train.tensors[0].shape == (4000, 4, 3, 16, 16) and len(test) == 1000
 
 
+def test_folder_loaders_read_real_files(tmp_path):
+    """--data-dir: ImageFolder splits for the image recipes, one folder of frames per clip for TT-LSTM."""
+    from PIL import Image
+    xtr, ytr = data.mnist5k()[:2]
+    for split in ("train", "val"):
+        for c in (3, 7):
+            d = tmp_path / "images" / split / f"digit{c}"
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray((xtr[ytr == c][i].numpy() * 255).astype("uint8")).save(d / f"{i}.png")
+    train, test, n = data.image_folder(str(tmp_path / "images"), 32)
+    assert n == 2 and len(train) == len(test) == 4 and train[0][0].shape == (3, 32, 32)
+    with pytest.raises(SystemExit, match="expected ImageFolder splits"):
+        data.image_folder(str(tmp_path), 32)
+
+    frames = data.moving_digits(xtr[:10], 5, 16, torch.Generator().manual_seed(0))
+    for k, clip in enumerate(frames):
+        d = tmp_path / "videos" / f"class{k % 2}" / f"clip{k}"
+        d.mkdir(parents=True)
+        for t, f in enumerate(clip):
+            Image.fromarray((f.numpy() * 255).round().astype("uint8")).save(d / f"{t:03d}.png")
+    train, test, n = data.video_folder(str(tmp_path / "videos"), 3, 16)
+    assert n == 2 and (len(train), len(test)) == (8, 2)
+    x = torch.cat([train.tensors[0], test.tensors[0]])
+    assert x.shape == (10, 3, 256) and abs(x.mean().item()) < 1e-5  # standardised
+    assert sorted(torch.cat([train.tensors[1], test.tensors[1]]).tolist()) == [0] * 5 + [1] * 5
+
+
 # ----------------------------------------------------------------------------- recipe runs
 def test_resnet_cifar_smoke_and_resume(tmp_path):
     out = tmp_path / "r20"
@@ -177,8 +205,9 @@ def test_trainer_videomae_smoke(tmp_path):
     out = tmp_path / "vmae"
     _recipe("trainer_videomae").main(["--dataset", "mnist-5k", "--max-steps", "2", "--batch-size", "8",
                                       "--output-dir", str(out)])
-    m = _check_metrics(out, phases=("admm", "decomposed", "finetune"))
-    assert m["phases"]["finetune"]["n"] == 16  # --max-steps eval batches
+    m = _check_metrics(out, phases=("admm", "decomposed", "finetune", "final"))
+    assert m["phases"]["admm"]["steps"] == m["phases"]["finetune"]["steps"] == 2
+    assert m["phases"]["final"]["n"] == 16  # --max-steps eval batches
     model = AutoModelForVideoClassification.from_pretrained(str(out / "model"))
     assert any(isinstance(mod, TNLayer) for mod in model.modules())
     clips = data.mnist_clips(4, 32, channels=3)[1].tensors[0][:2]

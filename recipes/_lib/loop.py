@@ -25,6 +25,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
 import tn_hf
 
@@ -38,7 +42,6 @@ def train_steps(accelerator, model, loader, optimizer, *, n_steps: int, desc: st
     With an ADMM scheduler: ``if sync_gradients: sched.prox_grad_(); optimizer.step(); sched.step()``
     and ``sched.epoch_end()`` after each pass over the data. Returns the mean loss of the last 50 steps.
     """
-    from tqdm.auto import tqdm
     total = max(n_steps, 1)  # cosine decay over the phase, resumable at start_step
     lr_sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + start_step, total) / total)))
@@ -111,9 +114,6 @@ class Run:
     """
 
     def __init__(self, args, train, test, *, recipe: str, model_name: str, base_model: str | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
         self.args, self.t0 = args, time.time()
         self.accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum)
         set_seed(args.seed)
@@ -161,7 +161,6 @@ class Run:
         weights are pretrained or the run resumes; then evaluate."""
         a = self.args
         if a.checkpoint:
-            from safetensors.torch import load_file
             model.load_state_dict(load_file(a.checkpoint))
             self.print(f"loaded dense weights from {a.checkpoint}")
         if a.dense_epochs > 0 and not (a.checkpoint or a.resume or pretrained):

@@ -120,7 +120,8 @@ class LSTMVideoClassifier(nn.Module):
         return self.head(out[:, -1])
 
 
-register_timm_model("lstm_video_classifier", LSTMVideoClassifier, input_size=(1, 8, 784), classifier="head")
+register_timm_model("lstm_video_classifier", LSTMVideoClassifier, input_size=(1, 8, 784), mean=(0.0,), std=(1.0,),
+                    classifier="head")
 
 
 # ----------------------------------------------------------------------------- VideoMAE
