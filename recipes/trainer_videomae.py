@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from _lib import data, flags, models, output  # noqa: I001  (recipes/ is on sys.path when the script runs)
+from _lib import data, flags, loop, models, output  # noqa: I001  (recipes/ is on sys.path when the script runs)
 import tn_hf  # after _lib: it puts a source checkout on sys.path
 
 DEFAULTS = dict(dataset="mnist-5k", image_size=32, batch_size=32, compression_ratio=3.0, budget="params",
@@ -65,10 +65,8 @@ def collate(batch):
 
 
 def compute_metrics(pred):
-    logits, labels = torch.as_tensor(pred.predictions), torch.as_tensor(pred.label_ids)
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    return {"top1": (top[:, 0] == labels).float().mean().item(),
-            "top5": (top == labels[:, None]).any(1).float().mean().item()}
+    hit1, hit5 = loop.top_k_hits(torch.as_tensor(pred.predictions), torch.as_tensor(pred.label_ids))
+    return {"top1": hit1.float().mean().item(), "top5": hit5.float().mean().item()}
 
 
 def trainer(args, model, train, test, *, phase: str, epochs: float, lr: float, callbacks=()):

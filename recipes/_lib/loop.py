@@ -80,6 +80,12 @@ def train_steps(accelerator, model, loader, optimizer, *, n_steps: int, desc: st
     return sum(losses) / max(len(losses), 1)
 
 
+def top_k_hits(logits: torch.Tensor, labels: torch.Tensor, k: int = 5):
+    """Boolean ``(top-1 hit, top-k hit)`` per sample."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return top[:, 0] == labels, (top == labels[:, None]).any(1)
+
+
 @torch.no_grad()
 def accuracy(accelerator, model, loader, *, max_batches: int | None = None) -> dict:
     """Top-1 / top-5 accuracy and mean loss over the (gathered, de-duplicated) test set."""
@@ -93,9 +99,9 @@ def accuracy(accelerator, model, loader, *, max_batches: int | None = None) -> d
             logits = model(x)
         logits, y = accelerator.gather_for_metrics((logits, y))
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(1).sum().item()
+        hit1, hit5 = top_k_hits(logits, y)
+        correct1 += hit1.sum().item()
+        correct5 += hit5.sum().item()
         total += len(y)
     model.train()
     total = max(total, 1)
