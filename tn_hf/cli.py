@@ -202,12 +202,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    try:
-        from .demo import run_demo
-    except ModuleNotFoundError as e:
-        if e.name == f"{__package__}.demo":
-            raise UserError("the demo module (tn_hf.demo) is not available in this installation") from None
-        raise
+    from .demo import run_demo
     kwargs = {"quick": args.quick, "format": args.format}
     if args.ratio is not None:
         kwargs["ratio"] = args.ratio

