@@ -43,6 +43,16 @@ def chain(cores) -> torch.Tensor:
     return m.reshape(r0, -1, m.shape[-1])
 
 
+def canonical(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides on every dim (size-1 dims included).
+
+    ``Tensor.contiguous()`` keeps odd strides on size-1 dims (a permuted (r, 1, r) kernel core
+    reshaped to (r, r, 1, 1) reports contiguous with strides (r, 1, r, r)); some conv backends
+    read those strides and fail in backward. Every weight handed to a conv kernel goes
+    through here."""
+    return t.contiguous().view(-1).view(t.shape)
+
+
 def chain_flops(modes, ranks) -> int:
     """Multiply-add FLOPs (x2) of ``chain`` for cores with these modes and ranks."""
     f, n = 0, ranks[0] * modes[0]

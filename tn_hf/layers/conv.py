@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TNLayer, _prod, chain, chain_flops, check_factors, default_factors, normalize_ranks
+from .base import TNLayer, _prod, canonical, chain, chain_flops, check_factors, default_factors, normalize_ranks
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -201,7 +201,7 @@ class _TNConv(TNLayer):
         kw = kcore.permute(0, 2, 1).reshape(ra, rb, *self.kernel_size)
         if a > 1:
             kw = kw.repeat(a, *([1] * (self.dim + 1)))
-        y = _CONV_FN[self.dim](self._pad_input(y), kw, None, self.stride, self._conv_padding, self.dilation, a)
+        y = _CONV_FN[self.dim](self._pad_input(y), canonical(kw), None, self.stride, self._conv_padding, self.dilation, a)
         v = chain(outs)                                   # (A, O, r_a)
         y = self._pointwise(v.permute(1, 0, 2).reshape(self.out_channels, a * ra), y, self.bias)
         return y.squeeze(0) if unbatched else y
@@ -211,7 +211,7 @@ class _TNConv(TNLayer):
             raise ValueError(f"{self._where(self._spec)}: input {tuple(x.shape)} has {x.shape[-self.dim - 1]} "
                              f"channels, expected {self.in_channels}")
         if self.use_dense_path(tuple(x.shape)):
-            return _CONV_FN[self.dim](self._pad_input(x), self.weight, self.bias, self.stride,
+            return _CONV_FN[self.dim](self._pad_input(x), canonical(self.weight), self.bias, self.stride,
                                       self._conv_padding, self.dilation)
         return self._factorized(x)
 
