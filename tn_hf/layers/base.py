@@ -141,6 +141,32 @@ class TNLayer(nn.Module):
         self.cores = nn.ParameterList(
             [nn.Parameter(torch.randn(ranks[k], modes[k], ranks[k + 1]) * s) for k in range(d)])
 
+    # ------------------------------------------------------------ inference cache
+    def cached(self, name, fn):
+        """``fn()`` computed once and reused while no core changed, whenever no gradient is recorded.
+
+        In eval / ``torch.no_grad`` / ``torch.inference_mode`` the merged core products (and a
+        rebuilt weight) do not depend on the input, so they are computed on the first call and
+        kept until a core changes. A change is seen through each core's ``data_ptr`` and
+        ``_version`` counter, which in-place updates bump (optimizer steps, ``load_state_dict``,
+        ``copy_``), and ``.to()`` moves; ``train()`` / ``eval()`` drop the cache too. While
+        autograd records (training) or under ``torch.compile`` nothing is cached."""
+        cores = self.cores
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
+            return fn()
+        key = (torch.is_inference_mode_enabled(),) + tuple((c.data_ptr(), c._version, c.dtype, c.device)
+                                                            for c in cores)
+        cache = self.__dict__.get("_tn_cache")
+        if cache is None or cache[0] != key:
+            cache = self.__dict__["_tn_cache"] = (key, {})
+        if name not in cache[1]:
+            cache[1][name] = fn()
+        return cache[1][name]
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_tn_cache", None)
+        return super().train(mode)
+
     @property
     def ranks(self) -> list[int]:
         return [self.cores[0].shape[0]] + [c.shape[-1] for c in self.cores]

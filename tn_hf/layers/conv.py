@@ -188,22 +188,31 @@ class _TNConv(TNLayer):
             y = y + bias.unsqueeze(-1)
         return y.reshape(x.shape[0], w.shape[0], *x.shape[2:])
 
-    def _factorized(self, x):
-        unbatched = x.dim() == self.dim + 1
-        if unbatched:
-            x = x.unsqueeze(0)
+    def _factors(self):
+        """The three small weights of the factorized path, merged from the cores:
+        w_in (A*r_b, I), kernel (A*r_a, r_b, *k) and w_out (O, A*r_a), all row-major."""
         outs, kcore, ins = self._split()
         a = self.cores[0].shape[0]
         u = chain(ins)                                    # (r_b, I, A)
         rb = u.shape[0]
-        y = self._pointwise(u.permute(2, 0, 1).reshape(a * rb, self.in_channels), x)  # (B, A*r_b, ...)
+        w_in = u.permute(2, 0, 1).reshape(a * rb, self.in_channels)
         ra = kcore.shape[0]
         kw = kcore.permute(0, 2, 1).reshape(ra, rb, *self.kernel_size)
         if a > 1:
             kw = kw.repeat(a, *([1] * (self.dim + 1)))
-        y = _CONV_FN[self.dim](self._pad_input(y), canonical(kw), None, self.stride, self._conv_padding, self.dilation, a)
         v = chain(outs)                                   # (A, O, r_a)
-        y = self._pointwise(v.permute(1, 0, 2).reshape(self.out_channels, a * ra), y, self.bias)
+        w_out = v.permute(1, 0, 2).reshape(self.out_channels, a * ra)
+        return canonical(w_in), canonical(kw), canonical(w_out)
+
+    def _factorized(self, x):
+        unbatched = x.dim() == self.dim + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        w_in, kw, w_out = self.cached("factors", self._factors)
+        a = self.cores[0].shape[0]
+        y = self._pointwise(w_in, x)                      # (B, A*r_b, ...)
+        y = _CONV_FN[self.dim](self._pad_input(y), kw, None, self.stride, self._conv_padding, self.dilation, a)
+        y = self._pointwise(w_out, y, self.bias)
         return y.squeeze(0) if unbatched else y
 
     def forward(self, x):
@@ -211,7 +220,8 @@ class _TNConv(TNLayer):
             raise ValueError(f"{self._where(self._spec)}: input {tuple(x.shape)} has {x.shape[-self.dim - 1]} "
                              f"channels, expected {self.in_channels}")
         if self.use_dense_path(tuple(x.shape)):
-            return _CONV_FN[self.dim](self._pad_input(x), canonical(self.weight), self.bias, self.stride,
+            w = self.cached("weight", lambda: canonical(self.weight))
+            return _CONV_FN[self.dim](self._pad_input(x), w, self.bias, self.stride,
                                       self._conv_padding, self.dilation)
         return self._factorized(x)
 

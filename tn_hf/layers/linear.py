@@ -113,25 +113,31 @@ class _TNLinear(TNLayer):
     def use_dense_path(self, batch: int) -> bool:
         return self._dense_path_flops(batch) < SWEEP_OVERHEAD * self._contract_flops(batch)
 
+    def _sweep_cores(self, reverse):
+        """Cores as (r, o_k, i_k, q) in sweep order (reversed ring: transposed, last first)."""
+        fo, fi, cores = list(self.out_factors), list(self.in_factors), list(self.cores)
+        if reverse:
+            fo, fi, cores = fo[::-1], fi[::-1], [c.permute(2, 1, 0) for c in cores[::-1]]
+        return [c.reshape(c.shape[0], o, i, -1).contiguous() for c, o, i in zip(cores, fo, fi)]
+
     def _contract(self, x, reverse=None):
         """x (B, I) -> (B, O) by contracting the cores one at a time (no dense weight).
 
         The sweep runs first-to-last or last-to-first core, whichever costs fewer FLOPs; the
         reversed sweep is the same sweep over the reversed ring (cores transposed)."""
-        fo, fi, cores = list(self.out_factors), list(self.in_factors), list(self.cores)
+        fo, fi = list(self.out_factors), list(self.in_factors)
         if reverse is None:
             fwd, bwd = self._sweep_costs(x.shape[0])
             reverse = bwd < fwd
         b, d = x.shape[0], len(fo)
+        cores = self.cached(("sweep", bool(reverse)), lambda: self._sweep_cores(reverse))
         if reverse:
             fo, fi = fo[::-1], fi[::-1]
-            cores = [c.permute(2, 1, 0) for c in cores[::-1]]
             x = x.reshape(b, *fi[::-1]).permute(0, *range(d, 0, -1)).reshape(b, -1)
         a = cores[0].shape[0]
-        c0 = cores[0].reshape(a, fo[0], fi[0], -1)
-        t = torch.einsum("bis,aoiq->boaqs", x.reshape(b, fi[0], -1), c0)  # (B, O, A, r, I_rest)
+        t = torch.einsum("bis,aoiq->boaqs", x.reshape(b, fi[0], -1), cores[0])  # (B, O, A, r, I_rest)
         for k in range(1, d):
-            g = cores[k].reshape(cores[k].shape[0], fo[k], fi[k], -1)
+            g = cores[k]
             t = t.reshape(b, t.shape[1], a, g.shape[0], fi[k], -1)
             t = torch.einsum("bOaris,roiq->bOoaqs", t, g)
             t = t.reshape(b, -1, a, g.shape[-1], t.shape[-1])
@@ -147,7 +153,7 @@ class _TNLinear(TNLayer):
             raise ValueError(f"{self._where(self._spec)}: input last dim {x.shape[-1]} != in_features")
         x2 = x.reshape(-1, self.in_features)
         if self.use_dense_path(x2.shape[0]):
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.cached("weight", lambda: self.weight), self.bias)
         y = self._contract(x2)
         if self.bias is not None:
             y = y + self.bias
