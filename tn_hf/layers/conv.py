@@ -4,7 +4,7 @@ Tensorization (ADMM-TT layout): W (O, I, *kernel) -> modes (o1..op, K, i1..iq), 
 output-channel cores, then one kernel core, then input-channel cores. Core shapes
 (r[k-1], n[k], r[k]); for TR the ring rank r[0] == r[d] closes the chain.
 
-Factorized forward (a sequence of 1x1 convs around one small conv):
+Factorized forward (a sequence of 1x1 convs around one small conv; merged factors cached in eval):
   1. input cores merged to U (r_b, I, A) -> 1x1 conv I -> A*r_b channels (ring index a folded
      into the channel dim, A = ring rank, 1 for TT)
   2. kernel core (r_a, K, r_b) -> conv with the layer's kernel/stride/padding/dilation,
@@ -182,11 +182,10 @@ class _TNConv(TNLayer):
 
     @staticmethod
     def _pointwise(w, x, bias=None):
-        """1x1 convolution as one batched GEMM: w (M, C), x (B, C, *spatial) -> (B, M, *spatial)."""
-        y = torch.matmul(w, x.flatten(2))
-        if bias is not None:
-            y = y + bias.unsqueeze(-1)
-        return y.reshape(x.shape[0], w.shape[0], *x.shape[2:])
+        """1x1 convolution: w (M, C) row-major, x (B, C, *spatial) -> (B, M, *spatial). Run by the conv
+        kernel (measured faster than a batched GEMM over NCHW maps for most sizes at batch 32)."""
+        n = x.dim() - 2
+        return _CONV_FN[n](x, w.view(*w.shape, *([1] * n)), bias)
 
     def _factors(self):
         """The three small weights of the factorized path, merged from the cores:
