@@ -119,3 +119,134 @@ def test_torch_compile_inductor_compressed_model():
     with torch.no_grad():
         ref = model(x)
         torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- planner
+import tn_hf  # noqa: E402
+from tn_hf import cost  # noqa: E402
+from tn_hf.layers import TTLinear  # noqa: E402
+
+
+class _Net(nn.Module):
+    """Two convs and two linears, with a declared input size (what timm models declare)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 64, 3, padding=1)
+        self.b = nn.Conv2d(64, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 10)
+        self.pretrained_cfg = {"input_size": (3, 8, 8)}
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.a(torch.relu(self.stem(x)))))
+        return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
+
+
+def _fake_costs(monkeypatch, fn):
+    """Replace measured time ratios by fn(spec, shape); record the calls."""
+    calls = []
+
+    def ratio(self, what, build, dense, shape, device, dtype):
+        calls.append((what["class"], tuple(shape)))
+        return fn(what, shape)
+    monkeypatch.setattr(cost.CostModel, "ratio", ratio)
+    monkeypatch.setattr(cost.CostModel, "save", lambda self: None)
+    return calls
+
+
+def test_planner_keeps_slow_layers_dense_and_rebalances_budget(monkeypatch):
+    torch.manual_seed(0)
+    # conv "a" is slower as TN at every size; everything else is 0.5x dense
+    calls = _fake_costs(monkeypatch, lambda spec, shape: 1.3 if spec.get("in_channels") == 16 else 0.5)
+    m = _Net().eval()
+    report = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, min_params=4000, allocation="uniform"),
+                            progress=False)
+    rows = {r["name"]: r for r in report.rows}
+    assert set(rows) == {"a", "b", "fc1"}
+    assert type(m.a) is nn.Conv2d and isinstance(m.b, TTConv2d) and isinstance(m.fc1, TTLinear)
+    assert rows["a"]["kept_dense"].startswith("TN not faster (1.30x dense time at batch 32")
+    assert rows["a"]["ranks"].startswith("kept dense: ") and rows["a"]["ratio"] == 1.0
+    # both planning batches measured, at the probed shapes
+    assert ("TTConv2d", (32, 64, 8, 8)) in calls and ("TTLinear", (1, 64)) in calls
+    # the budget of the layer kept dense moved to the others: the targets as a whole stay at 3x
+    w = {n: getattr(m, n).weight.numel() if n == "a" else sum(c.numel() for c in getattr(m, n).cores)
+         for n in rows}
+    dense = 16 * 64 * 9 + 64 * 64 * 9 + 64 * 256
+    assert 2.7 <= dense / sum(w.values()) <= 3.3
+    assert rows["b"]["ratio"] > 3.2 and rows["fc1"]["ratio"] > 3.2
+    y = m(torch.randn(2, 3, 8, 8))
+    assert y.shape == (2, 10)
+
+
+def test_planner_prefers_faster_aligned_ranks(monkeypatch):
+    # measured: unaligned ranks are slow (as conv kernels are at odd channel counts)
+    _fake_costs(monkeypatch, lambda spec, shape: 0.5 if all(r % 8 == 0 or r < 8 for r in spec["ranks"]) else 0.8)
+    m = _Net().eval()
+    tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, target_modules=["b"], allocation="uniform"),
+                   progress=False)
+    assert all(r % 8 == 0 or r < 8 for r in m.b.ranks), m.b.ranks
+    dense = 64 * 64 * 9
+    assert dense / 3 * cost.MIN_FILL <= sum(c.numel() for c in m.b.cores) <= dense / 3
+
+
+def test_latency_budget_is_a_time_ratio(monkeypatch):
+    # synthetic cost: time proportional to the TN params (FLOPs ~ params for these layers)
+    def fn(spec, shape):
+        from tn_hf.layers import registry
+        layer = registry[spec["class"]].from_spec(spec)
+        return sum(c.numel() for c in layer.cores) / layer.dense_params()
+    _fake_costs(monkeypatch, fn)
+    m = _Net().eval()
+    report = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=4.0, budget="latency", target_modules=["b", "fc1"]),
+                            progress=False)
+    for r in report.rows:  # the largest TN form at <= 1/4 of dense time: param ratio 4 (the grid step)
+        assert 4.0 <= r["ratio"] < 6.0, r
+    with pytest.raises(ValueError, match="budget.*latency"):
+        tn_hf.TNConfig(compression_ratio=2.0, budget="speed")
+
+
+def test_size_check_rejects_tn_larger_than_dense():
+    conv = nn.Conv2d(64, 8, 1)
+    spec = TTConv2d.dense_spec(conv, n_modes=1)
+    spec["ranks"] = [1, 8, 64, 1]  # 8*8 + 8*64 + 64*64 params > 512 dense
+    assert "not smaller" in cost._check_size(TTConv2d, spec, conv, (1, 64, 8, 8))
+    spec["ranks"] = [1, 4, 4, 1]
+    assert cost._check_size(TTConv2d, spec, conv, (1, 64, 8, 8)) is None
+
+
+def test_cost_cache_measures_once_and_persists(tmp_path, monkeypatch):
+    monkeypatch.setenv("TN_HF_CACHE", str(tmp_path))
+    dense = nn.Linear(64, 64)
+    layer = TTLinear.from_dense(dense, ranks=8)
+    builds = []
+
+    def build():
+        builds.append(1)
+        return layer
+    cm = cost.CostModel()
+    r1 = cm.ratio(layer.spec(), build, dense, (4, 64), torch.device("cpu"), torch.float32)
+    assert cm.ratio(layer.spec(), build, dense, (4, 64), torch.device("cpu"), torch.float32) == r1
+    cm.save()
+    assert r1 > 0 and len(builds) == 1 and (tmp_path / "cost.json").exists()
+    cm2 = cost.CostModel()
+    assert cm2.ratio(layer.spec(), build, dense, (4, 64), torch.device("cpu"), torch.float32) == r1
+    assert len(builds) == 1
+    cm2.ratio(layer.spec(), build, dense, (8, 64), torch.device("cpu"), torch.float32)  # new shape: measured
+    assert len(builds) == 2
+
+
+def test_default_linear_layout_is_low_rank_two_gemms():
+    torch.manual_seed(0)
+    dense = nn.Linear(96, 160).to(D)
+    m = TTLinear.from_dense(dense, compression_ratio=3)
+    assert m.low_rank and m.in_factors == (1, 96) and m.out_factors == (160, 1)
+    r = m.ranks[1]
+    assert sum(c.numel() for c in m.cores) == r * (96 + 160) <= 96 * 160 / 3
+    x = torch.randn(7, 96, dtype=D)
+    assert not m.use_dense_path(7)
+    assert m.flops((7, 96)) == 2 * 7 * r * (96 + 160) < m.dense_flops((7, 96))
+    torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias), rtol=1e-10, atol=1e-12)
+    full = TTLinear.from_dense(dense, rel_error=1e-12)  # full rank reproduces the dense layer
+    torch.testing.assert_close(full(x), dense(x), rtol=1e-9, atol=1e-10)

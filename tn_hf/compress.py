@@ -192,7 +192,10 @@ def plan(model: nn.Module, config) -> list[Target]:
         targets.append(Target(name, module, cls, spec))
 
     if config.compression_ratio is not None and targets:
-        _allocate(model, targets, config)
+        if config.budget != "latency":  # latency: the speed planner picks the ranks
+            _allocate(model, targets, config)
+        from .cost import plan_for_speed  # measured layout/rank choice; drops targets kept dense
+        targets = plan_for_speed(model, targets, config)
     return targets
 
 
@@ -365,12 +368,14 @@ def compress(model: nn.Module, config, *, progress: bool = True) -> CompressionR
     """Swap the planned targets of ``model`` in place for TN layers decomposed from their weights."""
     from tqdm.auto import tqdm
     config = _as_config(config)
+    model.__dict__.pop("tn_hf_kept_dense", None)
     targets = plan(model, config)
-    if not targets:
+    kept = model.__dict__.pop("tn_hf_kept_dense", None) or {}  # {name: reason} from the speed planner
+    if not targets and not kept:
         raise ValueError(f"compress: no module of {type(model).__name__} is a target for {config} "
                          "(all too small, skipped by default, or excluded)")
     model_params_dense = _n_params(model)
-    probed = _probe(model, [t.name for t in targets])
+    probed = _probe(model, [t.name for t in targets] + list(kept))
     specs = dict(getattr(model, "tn_hf_specs", None) or {})
     rows = []
     for t in tqdm(targets, desc="tn_hf compress", disable=not progress):
@@ -402,6 +407,8 @@ def compress(model: nn.Module, config, *, progress: bool = True) -> CompressionR
                      "ratio": dense_params / max(tn_params, 1),
                      "ranks": _ranks_of(specs[t.name]), "rel_error": _rel_error(dense, layer),
                      "flops_dense": fd, "flops_tn": ft})
+    from .cost import kept_dense_row
+    rows += [kept_dense_row(model, name, why, probed.get(name)) for name, why in kept.items()]
     model.tn_hf_specs = specs
     model.tn_hf_config = config.to_dict()
     if _is_transformers(model):

@@ -8,7 +8,7 @@ from typing import Any
 
 FORMATS = ("tt", "tr")
 LAYER_TYPES = ("linear", "conv", "lstm", "gru")
-BUDGETS = ("params", "flops")
+BUDGETS = ("params", "flops", "latency")
 ALLOCATIONS = ("global", "uniform")
 
 
@@ -25,6 +25,12 @@ class TNConfig:
       decay fast give more; ``"uniform"``: every layer at this ratio).
     * ``rel_error``: per-layer relative Frobenius error bound of the decomposition
       (``max_rank`` caps the ranks).
+
+    ``budget``: what ``compression_ratio`` divides - "params" (dense / TN parameters), "flops"
+    (parameters weighted by each layer's output positions) or "latency" (dense / TN eval time
+    per layer, measured on this machine; see ``tn_hf.cost``). With a ratio, every target is
+    also planned for speed: a layer whose TN form is not both smaller and faster than dense
+    stays dense (reported as "kept dense: <reason>").
 
     ``target_modules`` / ``exclude_modules`` take exact module names or regexes (a pattern
     matches when ``re.fullmatch`` does, or when the name equals it or ends with ``.pattern``).

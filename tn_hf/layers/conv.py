@@ -10,6 +10,7 @@ Factorized forward (a sequence of 1x1 convs around one small conv; merged factor
   2. kernel core (r_a, K, r_b) -> conv with the layer's kernel/stride/padding/dilation,
      A*r_b -> A*r_a channels, groups=A (the same small kernel for each ring index)
   3. output cores merged to V (A, O, r_a) -> 1x1 conv A*r_a -> O channels (sums the ring), + bias.
+For a 1x1 kernel, steps 1-2 merge into one (strided) 1x1 conv I -> A*r_a.
 Padding is applied only in step 2: 1x1 maps are pointwise linear, so they commute with
 zero/reflect/replicate/circular padding. The alternative path rebuilds W and calls F.convNd;
 the cheaper one (FLOP estimate for the given input size) is used.
@@ -170,8 +171,12 @@ class _TNConv(TNLayer):
         r, modes, p = self.ranks, self._modes(self._spec), len(self.out_factors)
         a, ra, rb, k = r[0], r[p], r[p + 1], modes[p]
         merge = chain_flops(modes[:p], r[:p + 1]) + chain_flops(modes[p + 1:], r[p + 1:])
-        tn = {"merge": merge, "in": 2 * b * hw_in * self.in_channels * a * rb,
-              "kernel": 2 * b * hw_out * a * ra * rb * k, "out": 2 * b * hw_out * a * ra * self.out_channels}
+        if k == 1:  # kernel core merged into the input factor: one strided 1x1 conv I -> A*r_a
+            tn = {"merge": merge + 2 * a * ra * rb * self.in_channels, "in": 2 * b * hw_out * self.in_channels * a * ra,
+                  "kernel": 0, "out": 2 * b * hw_out * a * ra * self.out_channels}
+        else:
+            tn = {"merge": merge, "in": 2 * b * hw_in * self.in_channels * a * rb,
+                  "kernel": 2 * b * hw_out * a * ra * rb * k, "out": 2 * b * hw_out * a * ra * self.out_channels}
         dense = {"rebuild": chain_flops(modes, r),
                  "conv": 2 * b * hw_out * self.out_channels * self.in_channels * k}
         return tn, dense
@@ -201,6 +206,10 @@ class _TNConv(TNLayer):
             kw = kw.repeat(a, *([1] * (self.dim + 1)))
         v = chain(outs)                                   # (A, O, r_a)
         w_out = v.permute(1, 0, 2).reshape(self.out_channels, a * ra)
+        if _prod(self.kernel_size) == 1:  # 1x1 kernel: a (r_a, r_b) matrix per ring index, merged into w_in
+            kmat = kcore.reshape(ra, rb)
+            w_in = torch.block_diag(*([kmat] * a)) @ w_in if a > 1 else kmat @ w_in   # (A*r_a, I)
+            return canonical(w_in), None, canonical(w_out)
         return canonical(w_in), canonical(kw), canonical(w_out)
 
     def _factorized(self, x):
@@ -209,8 +218,12 @@ class _TNConv(TNLayer):
             x = x.unsqueeze(0)
         w_in, kw, w_out = self.cached("factors", self._factors)
         a = self.cores[0].shape[0]
-        y = self._pointwise(w_in, x)                      # (B, A*r_b, ...)
-        y = _CONV_FN[self.dim](self._pad_input(y), kw, None, self.stride, self._conv_padding, self.dilation, a)
+        if kw is None:  # 1x1 kernel: strided 1x1 conv I -> A*r_a (kernel core merged in)
+            w = w_in.view(*w_in.shape, *([1] * self.dim))
+            y = _CONV_FN[self.dim](self._pad_input(x), w, None, self.stride, self._conv_padding, self.dilation)
+        else:
+            y = self._pointwise(w_in, x)                  # (B, A*r_b, ...)
+            y = _CONV_FN[self.dim](self._pad_input(y), kw, None, self.stride, self._conv_padding, self.dilation, a)
         y = self._pointwise(w_out, y, self.bias)
         return y.squeeze(0) if unbatched else y
 
