@@ -161,8 +161,8 @@ def test_planner_keeps_slow_layers_dense_and_rebalances_budget(monkeypatch):
     # conv "a" is slower as TN at every size; everything else is 0.5x dense
     calls = _fake_costs(monkeypatch, lambda spec, shape: 1.3 if spec.get("in_channels") == 16 else 0.5)
     m = _Net().eval()
-    report = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, min_params=4000, allocation="uniform"),
-                            progress=False)
+    cfg = tn_hf.TNConfig(compression_ratio=3.0, min_params=4000, allocation="uniform", plan_for_speed=True)
+    report = tn_hf.compress(m, cfg, progress=False)
     rows = {r["name"]: r for r in report.rows}
     assert set(rows) == {"a", "b", "fc1"}
     assert type(m.a) is nn.Conv2d and isinstance(m.b, TTConv2d) and isinstance(m.fc1, TTLinear)
@@ -184,7 +184,8 @@ def test_planner_prefers_faster_aligned_ranks(monkeypatch):
     # measured: unaligned ranks are slow (as conv kernels are at odd channel counts)
     _fake_costs(monkeypatch, lambda spec, shape: 0.5 if all(r % 8 == 0 or r < 8 for r in spec["ranks"]) else 0.8)
     m = _Net().eval()
-    tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, target_modules=["b"], allocation="uniform"),
+    tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, target_modules=["b"], allocation="uniform",
+                                  plan_for_speed=True),
                    progress=False)
     assert all(r % 8 == 0 or r < 8 for r in m.b.ranks), m.b.ranks
     dense = 64 * 64 * 9
@@ -250,3 +251,14 @@ def test_default_linear_layout_is_low_rank_two_gemms():
     torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias), rtol=1e-10, atol=1e-12)
     full = TTLinear.from_dense(dense, rel_error=1e-12)  # full rank reproduces the dense layer
     torch.testing.assert_close(full(x), dense(x), rtol=1e-9, atol=1e-10)
+
+
+def test_without_speed_planning_only_size_decides_and_nothing_is_timed(monkeypatch):
+    calls = _fake_costs(monkeypatch, lambda spec, shape: 5.0)  # "slower" everywhere: ignored
+    m = _Net().eval()
+    report = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, min_params=4000, allocation="uniform"),
+                            progress=False)
+    assert not calls and all(not r.get("kept_dense") for r in report.rows)
+    assert isinstance(m.a, TTConv2d) and isinstance(m.b, TTConv2d) and isinstance(m.fc1, TTLinear)
+    for r in report.rows:  # never more params or FLOPs than the dense layer
+        assert r["tn_params"] < r["dense_params"] and r["flops_tn"] < r["flops_dense"]

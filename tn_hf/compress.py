@@ -194,7 +194,7 @@ def plan(model: nn.Module, config) -> list[Target]:
     if config.compression_ratio is not None and targets:
         if config.budget != "latency":  # latency: the speed planner picks the ranks
             _allocate(model, targets, config)
-        from .cost import plan_for_speed  # measured layout/rank choice; drops targets kept dense
+        from .cost import plan_for_speed  # keeps dense what is not smaller (and faster); see tn_hf.cost
         targets = plan_for_speed(model, targets, config)
     return targets
 

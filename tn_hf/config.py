@@ -28,9 +28,11 @@ class TNConfig:
 
     ``budget``: what ``compression_ratio`` divides - "params" (dense / TN parameters), "flops"
     (parameters weighted by each layer's output positions) or "latency" (dense / TN eval time
-    per layer, measured on this machine; see ``tn_hf.cost``). With a ratio, every target is
-    also planned for speed: a layer whose TN form is not both smaller and faster than dense
-    stays dense (reported as "kept dense: <reason>").
+    per layer, measured on this machine; implies ``plan_for_speed``; see ``tn_hf.cost``).
+    With a ratio, a layer whose TN form would have more parameters or FLOPs than the dense
+    layer stays dense (reported as "kept dense: <reason>"); with ``plan_for_speed=True`` the
+    ranks are chosen by measured time among forms of the layer's size, and a layer whose TN
+    form is not faster than dense stays dense too.
 
     ``target_modules`` / ``exclude_modules`` take exact module names or regexes (a pattern
     matches when ``re.fullmatch`` does, or when the name equals it or ends with ``.pattern``).
@@ -51,6 +53,7 @@ class TNConfig:
     allocation: str = "global"
     n_modes: int | None = None          # modes per channel side (None: chosen from the size)
     compress_hidden: bool = False      # recurrent layers: hidden-to-hidden in TN form too
+    plan_for_speed: bool = False       # measured rank choice; layers not faster as TN stay dense
 
     def __post_init__(self):
         if self.format not in FORMATS:

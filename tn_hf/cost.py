@@ -1,35 +1,44 @@
 """Plan for speed: per target, the TN form that is smaller *and* faster than the dense layer.
 
-Cost model. The cost of a layer is its eval forward time (``torch.no_grad``, merged cores
-cached, see ``TNLayer.cached``) at the input shape it sees in the model, measured on the
-machine it runs on at two batch sizes, ``PLAN_BATCHES`` = (1, 32). Input shapes come from
-one probe forward (``compress._probe``: models that declare ``pretrained_cfg["input_size"]``,
-as timm models do). Each measurement is the median of repeated runs after warm-up and is
-cached in ``$TN_HF_CACHE/cost.json`` (default ``~/.cache/tn_hf``), keyed by the layer (its
-spec, or the dense module's shape), the input shape, device name, dtype, thread count, torch
-version and a hash of the layers' source, so a machine pays for each layer shape once. Where the input shape is unknown
-(no probe), time can't be measured and FLOPs stand in for it.
+``compress.plan`` calls ``plan_for_speed`` for every config with a ``compression_ratio``.
+Always (deterministic): a target whose TN form has at least the dense layer's weight params,
+or more FLOPs at the probed input shape, gets smaller ranks (the next param ratio of
+``LATENCY_GRID`` that fixes it) or, if none does, stays dense. With ``TNConfig(plan_for_speed=True)``
+or ``budget="latency"`` the choice is also *measured*, as below.
+
+Cost model. The cost of a form is its eval forward time (``torch.no_grad``, merged cores
+cached, see ``TNLayer.cached``) over that of the dense layer, at the input shape the layer sees
+in the model, on the machine it runs on, at the batch sizes ``PLAN_BATCHES`` = (1, 32). Input
+shapes come from one probe forward (``compress._probe``: models that declare
+``pretrained_cfg["input_size"]``, as timm models do). Dense and TN are timed alternately (median
+of repeats after warm-up, ``measure_pair``) and the ratio is cached in ``$TN_HF_CACHE/cost.json``
+(default ``~/.cache/tn_hf``), keyed by the form's spec, the dense module, the input shape,
+device name, dtype, thread count, torch version and a hash of the layers' source: a machine
+pays once per layer shape. Where the input shape is unknown (no probe) nothing is timed and
+the deterministic rule alone applies. Under torch.distributed every process adopts process
+0's plan.
 
 Candidates. With ``budget="params"`` / ``"flops"`` the rank allocation fixes each layer's
 parameter budget ``P`` (its TN params at the allocated ranks). The candidates are the
 allocated ranks and the same ranks with the internal ranks above 8 (16) rounded to multiples
 of 8 (16), all down or one up and the rest down (``aligned_variants``), kept when their
 params are in [``MIN_FILL * P``, ``P``]: kernels run markedly faster at aligned channel
-counts (a 3x3 conv 96 -> 96 channels at 14x14 took half the time of 102 -> 102 here).
-The tensorization is the layer class's default (TTLinear: two-core low-rank form, the TT-
-matrix layout of least FLOPs per parameter; TT conv: out-channel cores, kernel core, in-channel
-cores, run as 1x1 -> kxk -> 1x1), so ranks planned here stay valid for ADMM and for configs that
-pin ranks. The candidate of least mean time ratio t_TN / t_dense over the planning batches wins.
+counts (a 3x3 conv 96 -> 96 channels at 14x14 took half the time of 102 -> 102 here). The
+tensorization is the layer class's default (TTLinear: the two-core low-rank form, the TT-matrix
+layout of least FLOPs per parameter; TT conv: out-channel cores, kernel core, in-channel cores,
+run as 1x1 -> kxk -> 1x1), so planned ranks stay valid for ADMM and for configs that pin ranks.
+The candidate of least mean time ratio over the planning batches wins.
 
-Keep dense. A target stays dense (and is reported as "kept dense: <reason>") when its best TN
-form has at least the dense parameter count or FLOPs, or is not faster: time ratio
->= ``KEEP_BELOW[b]`` at a planning batch b (0.9 at batch 32, 1.0 at batch 1).
+Keep dense (measured). A target also stays dense when its best form is not faster: time ratio
+>= ``KEEP_BELOW[b]`` at a planning batch b (0.9 at batch 32, 1.0 at batch 1). The parameters of
+layers kept dense leave the budget: the other targets are re-allocated at the ratio that keeps
+the targets as a whole at ``compression_ratio`` (while possible), and planned again.
 
 ``budget="latency"``: ``compression_ratio`` R is a time ratio. For each target, over the param
 ratios ``LATENCY_GRID`` (ascending, so descending size) the first whose best candidate runs at
-<= 1/R of the dense time at batch 32 (and no slower at batch 1) is taken - the largest TN form
-that is R times faster. If none reaches 1/R, the fastest candidate that still passes the
-keep-dense test is taken, else the layer stays dense.
+<= 1/R of the dense time at batch 32 (and no slower at batch 1) is taken: the largest TN form
+that is R times faster. If none reaches 1/R, the fastest candidate that passes the keep-dense
+test is taken, else the layer stays dense.
 """
 from __future__ import annotations
 
@@ -53,7 +62,7 @@ KEEP_BELOW = {1: 1.0, 32: 0.9}
 MIN_FILL = 0.85
 ALIGN = (8, 16)
 REALLOCATE_PASSES = 3
-LATENCY_GRID = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+LATENCY_GRID = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 MIN_SECONDS = 0.1       # total measured time per entry (repeats grow until reached)
 _CACHE_VERSION = 1
 log = logging.getLogger("tn_hf.cost")
@@ -64,6 +73,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TN_HF_CACHE") or Path.home() / ".cache" / "tn_hf")
 
 
+@functools.lru_cache(maxsize=8)
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -91,7 +101,7 @@ def _sync(device: torch.device):
 
 
 class CostModel:
-    """Measured eval forward times (seconds), cached on disk as JSON."""
+    """Measured eval time ratios TN form / dense layer, cached on disk as JSON."""
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else cache_dir() / "cost.json"
@@ -120,8 +130,11 @@ class CostModel:
         return self.table[k]
 
     def save(self):
+        """Write the table, merged with what other processes wrote meanwhile (atomic replace)."""
         if not self.dirty:
             return
+        on_disk = CostModel(self.path).table
+        self.table = {**on_disk, **self.table}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps({"version": _CACHE_VERSION, "times": self.table}))
@@ -316,11 +329,12 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, progress: bool = 
     all targets at ``compression_ratio`` (when that is still possible), then planned again.
     See the module docstring for the cost model and the rules."""
     from .compress import _allocate, _probe
+    measured = config.plan_for_speed or config.budget == "latency"
     probed = _probe(model, [t.name for t in targets])
     cm = CostModel()
     kept: dict[str, str] = {}
     try:
-        out = _plan_targets(cm, targets, config, config.compression_ratio, probed, kept, progress)
+        out = _plan_targets(cm, targets, config, config.compression_ratio, probed, kept, progress, measured)
         size = {t.name: sum(w.numel() for w in t.cls.dense_weights(t.module).values()) for t in targets}
         for _ in range(REALLOCATE_PASSES if config.budget != "latency" else 0):
             rest = sum(size[t.name] for t in out)
@@ -329,23 +343,42 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, progress: bool = 
                 break
             ratio, n_kept = rest / budget, len(kept)
             _allocate(model, out, dataclasses.replace(config, compression_ratio=ratio))
-            out = _plan_targets(cm, out, config, ratio, probed, kept, progress)
+            out = _plan_targets(cm, out, config, ratio, probed, kept, progress, measured)
             if len(kept) == n_kept:
                 break
     finally:
         cm.save()
+    if measured:
+        out, kept = _agree(targets, out, kept)
     model.tn_hf_kept_dense = kept
     return out
 
 
-def _plan_targets(cm, targets, config, ratio, probed, kept, progress) -> list:
+def _agree(targets, out, kept):
+    """Under torch.distributed every process takes process 0's plan (timings differ between
+    processes; the model structure must not)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return out, kept
+    box = [({t.name: t.spec for t in out}, kept)]
+    dist.broadcast_object_list(box, src=0)
+    specs, kept = box[0]
+    chosen = []
+    for t in targets:
+        if t.name in specs:
+            t.spec = specs[t.name]
+            chosen.append(t)
+    return chosen, kept
+
+
+def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) -> list:
     from tqdm.auto import tqdm
     latency = config.budget == "latency"
     out = []
     for t in tqdm(targets, desc="tn_hf plan (measuring)", disable=not progress):
         composite = getattr(t.cls, "composite", False)
         shapes = plan_shapes(t.module, probed.get(t.name, (None,))[0])
-        ev = _Eval(cm, t, shapes) if shapes else None
+        ev = _Eval(cm, t, shapes) if (shapes and measured) else None
         shape1 = shapes[1] if shapes else None
 
         def cands(q=None, t=t, composite=composite):
@@ -359,6 +392,14 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress) -> list:
             spec, r, why = _choose(None, t.cls, cands(ratio), t.module, shape1)
         else:
             spec, r, why = _latency(ev, t, cands, ratio, shape1)
+        if why is not None and ev is None:  # size rule only: smaller ranks until the TN form is smaller
+            dense = sum(w.numel() for w in t.cls.dense_weights(t.module).values())
+            now = ratio if composite else dense / max(1, _params(cands()[0]))
+            for q in (q for q in LATENCY_GRID if q > now):
+                s2 = cands(q)[0]
+                if _check_size(t.cls, s2, t.module, shape1) is None:
+                    spec, why = s2, None
+                    break
         log.info("%s: %s", t.name, why or f"TN {_ranks_str(spec)}, {_params(spec)} params"
                  + (f", {_fmt_ratios(r)}" if r else ""))
         if why is not None:
