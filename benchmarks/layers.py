@@ -216,6 +216,17 @@ def main():
 
 
 def write(path, rows, stage_rows, lin_rows, repeats):
+    """Render rows (merged with the cases of earlier runs kept in the JSON beside ``path``)."""
+    js = Path(path).with_suffix(".json")
+    if js.exists():  # keep the cases not rerun now (runs can be split with --only)
+        old = json.loads(js.read_text())
+        done = {r["case"] for r in rows}
+        rows = [r for r in old["rows"] if r["case"] not in done] + rows
+        stage_rows = [tuple(r) for r in old.get("stage_rows", []) if r[0] not in done] + stage_rows
+        lin_rows = [tuple(r) for r in old.get("lin_rows", []) if r[0] not in done] + lin_rows
+    order = list(CASES)
+    rows.sort(key=lambda r: (order.index(r["case"]) if r["case"] in order else 99, r["batch"], r["ratio"]))
+
     def ms(t):
         return "n/a" if t is None else f"{t * 1e3:.2f}"
 
@@ -252,7 +263,8 @@ def write(path, rows, stage_rows, lin_rows, repeats):
     Path(path).write_text("\n".join(lines) + "\n" + NOTES)
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
            "repeats": repeats}
-    Path(path).with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1, default=str))
+    js.write_text(json.dumps({"env": env, "rows": rows, "stage_rows": stage_rows, "lin_rows": lin_rows},
+                             indent=1, default=str))
     print(f"wrote {path}")
 
 

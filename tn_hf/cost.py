@@ -10,7 +10,7 @@ Cost model. The cost of a form is its eval forward time (``torch.no_grad``, merg
 cached, see ``TNLayer.cached``) over that of the dense layer, at the input shape the layer sees
 in the model, on the machine it runs on, at the batch sizes ``PLAN_BATCHES`` = (1, 32). Input
 shapes come from one probe forward (``compress._probe``: models that declare
-``pretrained_cfg["input_size"]``, as timm models do). Dense and TN are timed alternately (median
+``pretrained_cfg["input_size"]``, as timm models do). Dense and TN are timed alternately (fastest
 of repeats after warm-up, ``measure_pair``) and the ratio is cached in ``$TN_HF_CACHE/cost.json``
 (default ``~/.cache/tn_hf``), keyed by the form's spec, the dense module, the input shape,
 device name, dtype, thread count, torch version and a hash of the layers' source: a machine
@@ -50,7 +50,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -143,8 +142,9 @@ class CostModel:
 
 
 def measure_pair(modules, shape, device, dtype, min_reps: int = 7, max_reps: int = 400) -> list[float]:
-    """Median seconds of ``m(x)`` for each module (eval, no_grad, x ~ N(0, 1) of ``shape``), the
-    modules timed in turn within each repeat so that machine load affects them alike."""
+    """Fastest seconds of ``m(x)`` for each module (eval, no_grad, x ~ N(0, 1) of ``shape``), the
+    modules timed in turn within each repeat so that machine load affects them alike; the minimum
+    over repeats is the estimate least disturbed by other processes."""
     device = torch.device(device)
     x = torch.randn(*shape, device=device, dtype=dtype)
     was = [m.training for m in modules]
@@ -165,7 +165,7 @@ def measure_pair(modules, shape, device, dtype, min_reps: int = 7, max_reps: int
     finally:
         for m, w in zip(modules, was):
             m.train(w)
-    return [statistics.median(ts) for ts in times]
+    return [min(ts) for ts in times]
 
 
 # ----------------------------------------------------------------------------- candidates
