@@ -329,7 +329,8 @@ class CompressionReport:
     def __str__(self) -> str:
         table = [list(self._COLS)]
         for r in self.rows:
-            table.append([self._fmt(r.get(c)) for c in self._COLS])
+            table.append([f"kept dense: {r['kept_dense']}" if c == "ranks" and r.get("kept_dense")
+                          else self._fmt(r.get(c)) for c in self._COLS])
         t = self.totals
         table.append(["TOTAL (model)", "", self._fmt(t.get("model_params_dense")),
                       self._fmt(t.get("model_params_tn")), self._fmt(t.get("model_ratio")), "", "",

@@ -430,7 +430,7 @@ def _latency(ev: _Eval, t, cands, ratio: float, shape1):
 
 
 def kept_dense_row(model: nn.Module, name: str, reason: str, probed=None) -> dict:
-    """compress report row of a target kept dense: ratio 1, ranks column "kept dense: <reason>".
+    """compress report row of a target kept dense: ratio 1, tn_type "kept dense: <reason>".
 
     FLOPs as elsewhere in the report: per sample when probed (2 x output positions x weight
     entries), per position for Linear/recurrent layers otherwise, unknown for convs."""
@@ -440,6 +440,6 @@ def kept_dense_row(model: nn.Module, name: str, reason: str, probed=None) -> dic
     pos = probed[1] if probed is not None else (None if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
                                                 else 1)
     flops = None if pos is None else 2 * pos * w
-    return {"name": name, "type": type(module).__name__, "tn_type": None, "dense_params": n, "tn_params": n,
-            "ratio": 1.0, "ranks": f"kept dense: {reason}", "rel_error": 0.0, "flops_dense": flops,
+    return {"name": name, "type": type(module).__name__, "tn_type": f"kept dense: {reason}", "dense_params": n,
+            "tn_params": n, "ratio": 1.0, "ranks": None, "rel_error": 0.0, "flops_dense": flops,
             "flops_tn": flops, "kept_dense": reason}
