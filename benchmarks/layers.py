@@ -108,26 +108,25 @@ def _tl_lin(fi, fo, ratio):
 NOTES = """
 ## Notes
 
-- Layouts: TT conv = modes (out factors, kernel, in factors), run as 1x1 GEMM -> small conv
-  (r_b -> r_a channels) -> 1x1 GEMM; ranks = largest uniform rank with cores <= dense/ratio.
-  Targets (batch 32 eval): TT conv 4x <= 0.30x dense, 8x <= 0.18x. The FLOP ratio of the
-  factorized path is 0.25 (4x) / 0.12 (8x) for the 256-channel conv; the small conv with
-  r_a = r_b ~ 66..102 channels runs at a lower GFLOP/s than the big dense conv, which is the
-  gap between the FLOP ratio and the time ratio (see the stage table).
-- TT linear with the default balanced 3-mode TT-matrix (768 = 8x8x12, 3072 = 12x16x16): the
-  core sweep costs more FLOPs than the dense GEMM at these ranks (TT-matrix-by-vector FLOPs grow
-  with r^2 * (prod of the other modes)), so the layer takes the rebuild+GEMM path: ~1x dense at
-  batch 32, slower at batch 1 (the rebuild, output-size x rank FLOPs, is not amortised over
-  128 tokens). The 0.4x target for 768->3072 at 8x is met only by a FLOP-friendly 2-core
-  layout (rows "2-core speed layout": factors picked by least sweep FLOPs at the same core
-  count), not by the balanced default.
+- TT conv: modes (out factors, kernel, in factors), run as 1x1 conv I -> r_b, kxk conv
+  r_b -> r_a, 1x1 conv r_a -> O with the merged factors cached in eval. Ranks: the planner's
+  choice within dense/ratio params (aligned to multiples of 8/16 where that was measured
+  faster). Targets (batch 32 eval, 256->256 3x3 @14x14): 4x <= 0.30x dense, 8x <= 0.18x.
+- TT linear: the default layout is the two-core low-rank form (in factors (1, I), out factors
+  (O, 1)), run as two GEMMs: 2 r (I + O) FLOPs per token, i.e. FLOPs = 2 x params, the least
+  of any TT-matrix layout of that size. The balanced 3-mode TT-matrix (n_modes=3, row "balanced")
+  costs r^2-times-modes FLOPs per token and falls back to rebuilding the weight, ~1x dense or
+  slower. Target: 768->3072 at 8x <= 0.4x dense at the default layout.
+- LSTM: TT over the input-to-hidden matrix (1024 x 57600, default low-rank layout, the
+  projection of all steps in one call); hidden-to-hidden dense.
 - tltorch: TT conv "factorized" implementation (its 4-core TT over (O, I, kh, kw), run as
   1x1 -> kh x 1 -> 1 x kw -> 1x1); TT-matrix linear ("blocktt") with its "reconstructed"
-  implementation, because its "factorized" one is ~10-50x slower than dense here. tltorch has no LSTM.
-- LSTM: TT over the input-to-hidden matrix (1024 x 57600) only; hidden-to-hidden dense. At
-  4x/8x the uniform TT ranks are ~150-215 (the TT-LSTM paper uses rank ~4 at >1000x), so both
-  the sweep and the rebuild (59M entries x rank) cost far more than the dense GEMM over 4..128
-  tokens: 2.5-3x slower than dense. TT pays off here only at high compression (small ranks).
+  implementation (its "factorized" one is ~10-50x slower than dense here). tltorch has no LSTM.
+- A row "kept dense" means the speed planner measured the TN form as not faster and left the
+  dense layer in place (the timing is then the dense layer's).
+- Batch-1 timings of millisecond-scale layers on a 2-core machine shared with other jobs are
+  easily inflated by scheduling delays (each parallel region waits for a time slice); treat
+  batch-1 rows as indicative.
 """
 
 

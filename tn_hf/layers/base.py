@@ -152,7 +152,7 @@ class TNLayer(nn.Module):
         ``copy_``), and ``.to()`` moves; ``train()`` / ``eval()`` drop the cache too. While
         autograd records (training) or under ``torch.compile`` nothing is cached."""
         cores = self.cores
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(c.requires_grad for c in cores)):
+        if not self.caching():
             return fn()
         key = (torch.is_inference_mode_enabled(),) + tuple((c.data_ptr(), c._version, c.dtype, c.device)
                                                             for c in cores)
@@ -162,6 +162,12 @@ class TNLayer(nn.Module):
         if name not in cache[1]:
             cache[1][name] = fn()
         return cache[1][name]
+
+    def caching(self) -> bool:
+        """Whether ``cached`` keeps results now (no autograd recording, not compiling)."""
+        if torch.compiler.is_compiling():
+            return False
+        return not (torch.is_grad_enabled() and any(c.requires_grad for c in self.cores))
 
     def train(self, mode: bool = True):
         self.__dict__.pop("_tn_cache", None)

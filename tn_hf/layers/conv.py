@@ -182,7 +182,11 @@ class _TNConv(TNLayer):
         return tn, dense
 
     def use_dense_path(self, input_shape) -> bool:
+        """Cheaper path by FLOPs; while ``cached`` keeps the merged factors / rebuilt weight (eval,
+        no_grad), merging and rebuilding are paid once and don't count."""
         tn, dense = self._stage_flops(input_shape)
+        if self.caching():
+            return dense["conv"] < tn["in"] + tn["kernel"] + tn["out"]
         return sum(dense.values()) < sum(tn.values())
 
     @staticmethod

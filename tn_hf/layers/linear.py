@@ -127,8 +127,11 @@ class _TNLinear(TNLayer):
                 and self.out_factors[1] == 1)
 
     def use_dense_path(self, batch: int) -> bool:
+        """Cheaper path by FLOPs (the sweep weighted by SWEEP_OVERHEAD unless it is two GEMMs); while
+        ``cached`` keeps the rebuilt weight (eval, no_grad), the rebuild does not count."""
         overhead = 1.0 if self.low_rank else SWEEP_OVERHEAD
-        return self._dense_path_flops(batch) < overhead * self._contract_flops(batch)
+        dense = 2 * batch * self.in_features * self.out_features if self.caching() else self._dense_path_flops(batch)
+        return dense < overhead * self._contract_flops(batch)
 
     def _low_rank_factors(self):
         r = self.cores[0].shape[-1]
