@@ -17,12 +17,14 @@ def _canonical_strides(t):
     return tuple(reversed(s))
 
 
-@pytest.mark.parametrize("dense_path", [False, True])
-def test_strided_1x1_conv_fwd_bwd_matches_dense(monkeypatch, dense_path):
+@pytest.mark.parametrize("fmt,dense_path", [("tt", False), ("tt", True), ("tr", False)])
+def test_strided_1x1_conv_fwd_bwd_matches_dense(monkeypatch, fmt, dense_path):
     """64->128 1x1 stride-2 conv (ResNet downsample): every weight reaching the conv kernel has
     row-major strides, and forward + backward equal the rebuilt dense conv in float64."""
+    from tn_hf.layers import TRConv2d
     torch.manual_seed(0)
-    m = TTConv2d.from_dense(nn.Conv2d(64, 128, 1, stride=2, bias=True).to(D), ranks=[1, 7, 36, 36, 7, 1])
+    cls, ranks = (TTConv2d, [1, 7, 36, 36, 7, 1]) if fmt == "tt" else (TRConv2d, [2, 4, 12, 12, 4, 2])
+    m = cls.from_dense(nn.Conv2d(64, 128, 1, stride=2, bias=True).to(D), ranks=ranks)
     seen = []
     real = conv_mod._CONV_FN[2]
 
