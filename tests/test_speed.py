@@ -264,3 +264,30 @@ def test_without_speed_planning_only_size_decides_and_nothing_is_timed(monkeypat
     assert isinstance(m.a, TTConv2d) and isinstance(m.b, TTConv2d) and isinstance(m.fc1, TTLinear)
     for r in report.rows:  # never more params or FLOPs than the dense layer
         assert r["tn_params"] < r["dense_params"] and r["flops_tn"] < r["flops_dense"]
+
+
+def test_latency_budget_recurrent_layer_gets_planned_ratio(monkeypatch):
+    from tn_hf.layers import TTLSTM
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(96, 32, batch_first=True)
+            self.head = nn.Linear(32, 4)
+            self.pretrained_cfg = {"input_size": (5, 96)}
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1])
+
+    def fn(spec, shape):  # time ~ params of the input projection
+        leaf = spec["weights"]["weight_ih_l0"]
+        return sum(leaf["ranks"][k] * n * leaf["ranks"][k + 1] for k, n in
+                   enumerate(o * i for o, i in zip(leaf["out_factors"], leaf["in_factors"]))) / (96 * 128)
+    calls = _fake_costs(monkeypatch, fn)
+    m = Seq().eval()
+    report = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, budget="latency"), progress=False)
+    assert isinstance(m.lstm, TTLSTM) and calls and calls[0][1] == (1, 5, 96)
+    ih = m.lstm.ih_l0
+    assert 3.0 <= 96 * 128 / sum(c.numel() for c in ih.cores) < 6.0, report
+    y = m(torch.randn(2, 5, 96))
+    assert y.shape == (2, 4)

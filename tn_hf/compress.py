@@ -386,8 +386,9 @@ def compress(model: nn.Module, config, *, progress: bool = True) -> CompressionR
         kw: dict[str, Any] = {"compress_hidden": config.compress_hidden} if composite else {}
         if config.rel_error is not None:
             kw.update(rel_error=config.rel_error, max_rank=config.max_rank, n_modes=config.n_modes)
-        elif composite and config.compression_ratio is not None:
-            kw.update(compression_ratio=config.compression_ratio, n_modes=config.n_modes)
+        elif composite and config.compression_ratio is not None:  # the planner may set a per-layer ratio
+            kw.update(compression_ratio=t.spec.get("compression_ratio", config.compression_ratio),
+                      n_modes=config.n_modes)
         elif composite:  # one rank (int or list) for every matrix of the recurrent layer
             r = t.spec.get("ranks")
             kw.update(ranks=r if r is not None else config.ranks, n_modes=config.n_modes)
