@@ -159,14 +159,14 @@ def run_model(name, ratio, args, device):
             "targets": len(report.rows), "kept_dense": len(kept), "compress_s": round(t_compress, 1),
             "target_ratio": report.totals["target_ratio"]}
     rows = []
-    for b in args.batches:
+    for b in ([] if args.compile_only else args.batches):
         x = torch.randn(b, *size, device=device)
         reps = args.repeats or (15 if b == 1 else 5)
         td, tt = alternate([eval_fn(dense, x), eval_fn(tn, x)], reps, device)
         rows.append(_row(base, "eval", b, td, tt))
         print(f"{name} {ratio}x eval b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms ({tt / td:.2f}x)",
               flush=True)
-    if args.train_batch:
+    if args.train_batch and not args.compile_only:
         b = args.train_batch
         x = torch.randn(b, *size, device=device)
         dense.train()
@@ -244,6 +244,7 @@ def main():
     ap.add_argument("--train-repeats", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=0)
     ap.add_argument("--compile", default="", help="comma list of models also timed under torch.compile")
+    ap.add_argument("--compile-only", action="store_true", help="only the torch.compile timings")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
     ap.add_argument("--out", default=str(RESULTS / "speed_models.json"))
