@@ -3,8 +3,8 @@
     python benchmarks/speed_models.py [--models resnet18,vit_small_patch16_224] [--ratios 3]
         [--batches 1,32] [--train-batch 8] [--compile resnet18] [--threads 2] [--repeats N]
 
-For each model and compression ratio (by parameters over the targets, tn_hf.compress with its
-defaults: global rank allocation, speed planning, layers kept dense where TN is not faster):
+For each model and compression ratio (by parameters over the targets; tn_hf.compress with
+allocation="uniform" and plan_for_speed=True: layers kept dense where TN is not faster):
   * eval latency (no_grad) at each batch: dense and TN timed alternately in one process,
     median over repeats, after warm-up;
   * one training step (forward + backward + SGD step) at --train-batch, timed the same way;
@@ -207,8 +207,10 @@ def render(data) -> str:
     lines = ["# Whole-model speed: tn_hf compressed vs dense", "",
              f"torch {env.get('torch')}, {env.get('threads')} threads, {env.get('cpu')}, device {env.get('device')}"
              f"{', GPU ' + env['gpu'] if env.get('gpu') else ''}; timm {env.get('timm', '-')}. Random init; "
-             "tn_hf.compress(TNConfig(compression_ratio=R)) with its defaults (params budget, global rank "
-             "allocation, speed planning). Eval: no_grad, dense and TN timed alternately in one process, "
+             "tn_hf.compress(TNConfig(compression_ratio=R, allocation=\"uniform\", plan_for_speed=True)): params budget, "
+             "every target at ratio R (random weights have flat spectra, so the global allocation has nothing to "
+             "go on), ranks chosen by measured time, layers not faster as TN kept dense and their budget moved "
+             "to the others. Eval: no_grad, dense and TN timed alternately in one process, "
              "median of 15 (batch 1) / 5 (batch 32) repeats; train step: forward + backward + SGD step. "
              "FLOPs: whole model, one sample (torch.utils.flop_counter). Target: the issue's bound on the time "
              "ratio (medians); \"fastest\": ratio of the fastest repeats, the figure least disturbed by other load on "
