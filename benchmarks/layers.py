@@ -238,7 +238,8 @@ def write(path, rows, stage_rows, lin_rows, repeats):
         "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {r['batch']} | {r['ratio']}x | {r['form']} | {r['p_dense']} / {r['p_tn']} / {r['p_tl'] or 'n/a'} | "
+            f"| {r['case']} | {r['batch']} | {r['ratio']}x | {r['form']} | "
+            f"{r['p_dense']} / {r['p_tn']} / {r['p_tl'] or 'n/a'} | "
             f"{ms(r['dense'][0])} | {ms(r['tn'][0])} ({r['tn'][0] / r['dense'][0]:.2f}) | "
             f"{ms(r['tl'][0] if r['tl'] else None)} | {ms(r['dense'][1])} | {ms(r['tn'][1])} "
             f"({r['tn'][1] / r['dense'][1]:.2f}) | {ms(r['tl'][1] if r['tl'] else None)} |")
