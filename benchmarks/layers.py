@@ -4,13 +4,18 @@
 
 For each case and compression (4x, 8x): eval forward (no_grad) and one training step
 (forward + backward) at batch 1 and 32, median over repeats, all in one process. The TN
-ranks are the largest uniform rank whose core count is <= dense/ratio; tltorch gets
-rank=1/ratio (its fraction-of-parameters rank). For TT convs the per-stage FLOPs and the
+layer is what ``tn_hf.compress`` makes of the dense layer at that ratio (default layout, speed
+planner on, so it may stay dense); the "n_modes=3" case is the balanced TT-matrix layout at the
+largest uniform rank within dense/ratio, for comparison. tltorch gets rank=1/ratio (its
+fraction-of-parameters rank). For TT convs the per-stage FLOPs and the
 achieved GFLOP/s are listed, to show where time goes when a target is missed.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import platform
 import statistics
 import sys
 import time
@@ -20,47 +25,65 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tn_hf.layers import TTConv2d, TTLinear, TTLSTM  # noqa: E402
-from tn_hf.decompositions import ranks_for_ratio, tn_params  # noqa: E402
+import tn_hf  # noqa: E402
+from tn_hf.layers import TTConv2d, TTLinear, tn_targets  # noqa: E402
+from tn_hf.decompositions import ranks_for_ratio  # noqa: E402
 
 CASES = {
-    # name: (dense factory, TN factory(ratio), tltorch factory(ratio) or None, input(batch))
+    # name: (dense factory, TN factory(ratio, dense), tltorch factory(ratio) or None, input(batch))
     "conv 256->256 3x3 @14x14 (ResNet-18 layer3)": (
         lambda: nn.Conv2d(256, 256, 3, padding=1, bias=False),
-        lambda r: _tn(TTConv2d, r, 256, 256, 3, padding=1, bias=False),
+        lambda r, d: _planned(d, r, (256, 14, 14)),
         lambda r: _tl_conv(256, 256, r),
         lambda b: torch.randn(b, 256, 14, 14)),
     "conv 512->512 3x3 @7x7 (ResNet-18 layer4)": (
         lambda: nn.Conv2d(512, 512, 3, padding=1, bias=False),
-        lambda r: _tn(TTConv2d, r, 512, 512, 3, padding=1, bias=False),
+        lambda r, d: _planned(d, r, (512, 7, 7)),
         lambda r: _tl_conv(512, 512, r),
         lambda b: torch.randn(b, 512, 7, 7)),
     "linear 768->3072 x128 tokens": (
         lambda: nn.Linear(768, 3072),
-        lambda r: _tn(TTLinear, r, 768, 3072),
+        lambda r, d: _planned(d, r, (128, 768)),
         lambda r: _tl_lin((8, 8, 12), (12, 16, 16), r),
         lambda b: torch.randn(b, 128, 768)),
     "linear 3072->768 x128 tokens": (
         lambda: nn.Linear(3072, 768),
-        lambda r: _tn(TTLinear, r, 3072, 768),
+        lambda r, d: _planned(d, r, (128, 3072)),
         lambda r: _tl_lin((12, 16, 16), (8, 8, 12), r),
         lambda b: torch.randn(b, 128, 3072)),
-    "linear 768->3072 x128 tokens, 2-core speed layout": (
+    "linear 768->3072 x128 tokens, balanced 3-mode TT-matrix (n_modes=3)": (
         lambda: nn.Linear(768, 3072),
-        lambda r: _tn_fast(r, 768, 3072, 32 * 128),
+        lambda r, d: (_tn(TTLinear, r, 768, 3072, n_modes=3), None),
         None,
         lambda b: torch.randn(b, 128, 768)),
-    "linear 3072->768 x128 tokens, 2-core speed layout": (
-        lambda: nn.Linear(3072, 768),
-        lambda r: _tn_fast(r, 3072, 768, 32 * 128),
-        None,
-        lambda b: torch.randn(b, 128, 3072)),
     "LSTM 57600->256, 4 steps": (
         lambda: nn.LSTM(57600, 256),
-        lambda r: _tn_lstm(r),
+        lambda r, d: _planned(d, r, (4, 57600), seq_first=True),
         None,
         lambda b: torch.randn(4, b, 57600)),
 }
+
+
+class _One(nn.Module):
+    """One layer with a declared input size (what the planner probes); seq_first: (B, T, ...) -> (T, B, ...)."""
+
+    def __init__(self, m, size, seq_first=False):
+        super().__init__()
+        self.m, self.seq_first = m, seq_first
+        self.pretrained_cfg = {"input_size": size}
+
+    def forward(self, x):
+        return self.m(x.transpose(0, 1) if self.seq_first else x)
+
+
+def _planned(dense, ratio, size, seq_first=False):
+    """What tn_hf.compress makes of this layer at this ratio (speed planner on; uniform allocation).
+    Returns (layer, reason it was kept dense or None)."""
+    w = _One(copy.deepcopy(dense), size, seq_first)
+    rep = tn_hf.compress(w, tn_hf.TNConfig(compression_ratio=ratio, target_modules=["m"], allocation="uniform",
+                                                     plan_for_speed=True),
+                         progress=False)
+    return w.m, rep.rows[0].get("kept_dense")
 
 
 def _tn(cls, ratio, *args, **kw):
@@ -68,36 +91,6 @@ def _tn(cls, ratio, *args, **kw):
     modes = probe._modes(probe._spec)
     ranks = ranks_for_ratio(modes, ratio, cls.format)
     return cls(*args, ranks=ranks, **kw)
-
-
-def _divisors(n):
-    return [k for k in range(1, n + 1) if n % k == 0]
-
-
-def _tn_fast(ratio, i, o, tokens):
-    """TTLinear with the 2-core factorization (i1*i2 = I, o1*o2 = O) of least contraction FLOPs
-    among those whose core count is within 10% of dense / ratio."""
-    best = None
-    for i1 in _divisors(i):
-        for o1 in _divisors(o):
-            fi, fo = (i1, i // i1), (o1, o // o1)
-            modes = [fo[0] * fi[0], fo[1] * fi[1]]
-            ranks = ranks_for_ratio(modes, ratio, "tt")
-            if tn_params(modes, ranks) < 0.9 * i * o / ratio:  # same parameter count only
-                continue
-            cost = min(TTLinear._sweep_flops(fo, fi, ranks, tokens), TTLinear._sweep_flops(fo[::-1], fi[::-1],
-                                                                                            ranks[::-1], tokens))
-            if best is None or cost < best[0]:
-                best = (cost, fi, fo, ranks)
-    _, fi, fo, ranks = best
-    return TTLinear(i, o, ranks=ranks, in_factors=fi, out_factors=fo)
-
-
-def _tn_lstm(ratio):
-    probe = TTLSTM(57600, 256, ranks=1)
-    ls = probe.ih_l0
-    ranks = ranks_for_ratio(ls._modes(ls._spec), ratio, "tt")
-    return TTLSTM(57600, 256, ranks=ranks)
 
 
 def _tl_conv(i, o, ratio):
@@ -115,26 +108,25 @@ def _tl_lin(fi, fo, ratio):
 NOTES = """
 ## Notes
 
-- Layouts: TT conv = modes (out factors, kernel, in factors), run as 1x1 GEMM -> small conv
-  (r_b -> r_a channels) -> 1x1 GEMM; ranks = largest uniform rank with cores <= dense/ratio.
-  Targets (batch 32 eval): TT conv 4x <= 0.30x dense, 8x <= 0.18x. The FLOP ratio of the
-  factorized path is 0.25 (4x) / 0.12 (8x) for the 256-channel conv; the small conv with
-  r_a = r_b ~ 66..102 channels runs at a lower GFLOP/s than the big dense conv, which is the
-  gap between the FLOP ratio and the time ratio (see the stage table).
-- TT linear with the default balanced 3-mode TT-matrix (768 = 8x8x12, 3072 = 12x16x16): the
-  core sweep costs more FLOPs than the dense GEMM at these ranks (TT-matrix-by-vector FLOPs grow
-  with r^2 * (prod of the other modes)), so the layer takes the rebuild+GEMM path: ~1x dense at
-  batch 32, slower at batch 1 (the rebuild, output-size x rank FLOPs, is not amortised over
-  128 tokens). The 0.4x target for 768->3072 at 8x is met only by a FLOP-friendly 2-core
-  layout (rows "2-core speed layout": factors picked by least sweep FLOPs at the same core
-  count), not by the balanced default.
+- TT conv: modes (out factors, kernel, in factors), run as 1x1 conv I -> r_b, kxk conv
+  r_b -> r_a, 1x1 conv r_a -> O with the merged factors cached in eval. Ranks: the planner's
+  choice within dense/ratio params (aligned to multiples of 8/16 where that was measured
+  faster). Targets (batch 32 eval, 256->256 3x3 @14x14): 4x <= 0.30x dense, 8x <= 0.18x.
+- TT linear: the default layout is the two-core low-rank form (in factors (1, I), out factors
+  (O, 1)), run as two GEMMs: 2 r (I + O) FLOPs per token, i.e. FLOPs = 2 x params, the least
+  of any TT-matrix layout of that size. The balanced 3-mode TT-matrix (n_modes=3, row "balanced")
+  costs r^2-times-modes FLOPs per token and falls back to rebuilding the weight, ~1x dense or
+  slower. Target: 768->3072 at 8x <= 0.4x dense at the default layout.
+- LSTM: TT over the input-to-hidden matrix (1024 x 57600, default low-rank layout, the
+  projection of all steps in one call); hidden-to-hidden dense.
 - tltorch: TT conv "factorized" implementation (its 4-core TT over (O, I, kh, kw), run as
   1x1 -> kh x 1 -> 1 x kw -> 1x1); TT-matrix linear ("blocktt") with its "reconstructed"
-  implementation, because its "factorized" one is ~10-50x slower than dense here. tltorch has no LSTM.
-- LSTM: TT over the input-to-hidden matrix (1024 x 57600) only; hidden-to-hidden dense. At
-  4x/8x the uniform TT ranks are ~150-215 (the TT-LSTM paper uses rank ~4 at >1000x), so both
-  the sweep and the rebuild (59M entries x rank) cost far more than the dense GEMM over 4..128
-  tokens: 2.5-3x slower than dense. TT pays off here only at high compression (small ranks).
+  implementation (its "factorized" one is ~10-50x slower than dense here). tltorch has no LSTM.
+- A row "kept dense" means the speed planner measured the TN form as not faster and left the
+  dense layer in place (the timing is then the dense layer's).
+- Batch-1 timings of millisecond-scale layers on a 2-core machine shared with other jobs are
+  easily inflated by scheduling delays (each parallel region waits for a time slice); treat
+  batch-1 rows as indicative.
 """
 
 
@@ -188,40 +180,52 @@ def main():
         if args.only not in name:
             continue
         dense = mk_dense()
-        for batch in (1, 32):
-            t_dense = measure(dense, mk_x, batch, repeats)
-            for ratio in (4, 8):
-                tn = mk_tn(ratio)
+        t_dense = {b: measure(dense, mk_x, b, repeats) for b in (1, 32)}
+        for ratio in (4, 8):
+            tn, kept = mk_tn(ratio, dense)
+            tl = None
+            if mk_tl is not None:
+                try:
+                    tl = mk_tl(ratio)
+                except Exception as e:  # tltorch may not support a configuration
+                    print(f"tltorch failed on {name}: {e}", file=sys.stderr)
+            for batch in (1, 32):
                 t_tn = measure(tn, mk_x, batch, repeats)
-                tl, t_tl = None, None
-                if mk_tl is not None:
-                    try:
-                        tl = mk_tl(ratio)
-                        t_tl = measure(tl, mk_x, batch, repeats)
-                    except Exception as e:  # tltorch may not support a configuration
-                        print(f"tltorch failed on {name}: {e}", file=sys.stderr)
-                rows.append(dict(case=name, batch=batch, ratio=ratio, dense=t_dense, tn=t_tn, tl=t_tl,
-                                 p_dense=n_params(dense), p_tn=n_params(tn), p_tl=n_params(tl) if tl else None))
-                r = rows[-1]
-                print(f"{name} b={batch} {ratio}x: dense {t_dense[0]*1e3:.2f}ms TT {t_tn[0]*1e3:.2f}ms "
-                      f"({t_tn[0]/t_dense[0]:.2f}x) tltorch {t_tl[0]*1e3 if t_tl else float('nan'):.2f}ms",
-                      flush=True)
+                t_tl = measure(tl, mk_x, batch, repeats) if tl is not None else None
+                form = f"kept dense: {kept}" if kept else "; ".join(
+                    f"{c.in_factors if hasattr(c, 'in_features') else ''} ranks {c.ranks}".strip()
+                    for _, c in tn_targets(tn))
+                rows.append(dict(case=name, batch=batch, ratio=ratio, dense=t_dense[batch], tn=t_tn, tl=t_tl,
+                                 form=form, p_dense=n_params(dense), p_tn=n_params(tn),
+                                 p_tl=n_params(tl) if tl else None))
+                print(f"{name} b={batch} {ratio}x: dense {t_dense[batch][0]*1e3:.2f}ms TT {t_tn[0]*1e3:.2f}ms "
+                      f"({t_tn[0]/t_dense[batch][0]:.2f}x) tltorch {t_tl[0]*1e3 if t_tl else float('nan'):.2f}ms "
+                      f"[{form}]", flush=True)
                 if batch == 32 and isinstance(tn, TTLinear):
-                    print(f"  TT linear factors in={tn.in_factors} out={tn.out_factors} ranks={tn.ranks} "
-                          f"dense path={tn.use_dense_path(32 * 128)}", flush=True)
                     lin_rows.append((name, ratio, tn.in_factors, tn.out_factors, tn.ranks,
                                      tn._contract_flops(32 * 128), tn._dense_path_flops(32 * 128),
                                      tn.dense_flops((32 * 128, tn.in_features)), tn.use_dense_path(32 * 128),
-                                     t_tn[0], t_dense[0]))
+                                     t_tn[0], t_dense[batch][0]))
                 if batch == 32 and isinstance(tn, TTConv2d):
                     x = mk_x(batch)
                     tn_f, dense_f = tn._stage_flops(tuple(x.shape))
-                    stage_rows.append((name, ratio, tn.ranks, tn_f, dense_f, t_tn[0], t_dense[0],
+                    stage_rows.append((name, ratio, tn.ranks, tn_f, dense_f, t_tn[0], t_dense[batch][0],
                                        tn.use_dense_path(tuple(x.shape))))
     write(args.out, rows, stage_rows, lin_rows, repeats)
 
 
 def write(path, rows, stage_rows, lin_rows, repeats):
+    """Render rows (merged with the cases of earlier runs kept in the JSON beside ``path``)."""
+    js = Path(path).with_suffix(".json")
+    if js.exists():  # keep the cases not rerun now (runs can be split with --only)
+        old = json.loads(js.read_text())
+        done = {r["case"] for r in rows}
+        rows = [r for r in old["rows"] if r["case"] not in done] + rows
+        stage_rows = [tuple(r) for r in old.get("stage_rows", []) if r[0] not in done] + stage_rows
+        lin_rows = [tuple(r) for r in old.get("lin_rows", []) if r[0] not in done] + lin_rows
+    order = list(CASES)
+    rows.sort(key=lambda r: (order.index(r["case"]) if r["case"] in order else 99, r["batch"], r["ratio"]))
+
     def ms(t):
         return "n/a" if t is None else f"{t * 1e3:.2f}"
 
@@ -229,12 +233,13 @@ def write(path, rows, stage_rows, lin_rows, repeats):
         "# TN layer latency (CPU)", "",
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} runs "
         "(train: forward+backward, median of half as many). Shared machine: treat as indicative.", "",
-        "| case | batch | ratio | params dense / TT / tltorch | eval ms dense | eval ms TT (x dense) | "
-        "eval ms tltorch | train ms dense | train ms TT (x dense) | train ms tltorch |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+        "| case | batch | ratio | TT form (in factors, ranks) | params dense / TT / tltorch | eval ms dense | "
+        "eval ms TT (x dense) | eval ms tltorch | train ms dense | train ms TT (x dense) | train ms tltorch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['case']} | {r['batch']} | {r['ratio']}x | {r['p_dense']} / {r['p_tn']} / {r['p_tl'] or 'n/a'} | "
+            f"| {r['case']} | {r['batch']} | {r['ratio']}x | {r['form']} | "
+            f"{r['p_dense']} / {r['p_tn']} / {r['p_tl'] or 'n/a'} | "
             f"{ms(r['dense'][0])} | {ms(r['tn'][0])} ({r['tn'][0] / r['dense'][0]:.2f}) | "
             f"{ms(r['tl'][0] if r['tl'] else None)} | {ms(r['dense'][1])} | {ms(r['tn'][1])} "
             f"({r['tn'][1] / r['dense'][1]:.2f}) | {ms(r['tl'][1] if r['tl'] else None)} |")
@@ -256,6 +261,10 @@ def write(path, rows, stage_rows, lin_rows, repeats):
                      f"{f / t_tn / 1e9:.0f} vs {f_dense / t_dense / 1e9:.0f} |")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n" + NOTES)
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
+           "repeats": repeats}
+    js.write_text(json.dumps({"env": env, "rows": rows, "stage_rows": stage_rows, "lin_rows": lin_rows},
+                             indent=1, default=str))
     print(f"wrote {path}")
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 FORMATS = ("tt", "tr", "tucker")
 LAYER_TYPES = ("linear", "conv", "lstm", "gru")
-BUDGETS = ("params", "flops")
+BUDGETS = ("params", "flops", "latency")
 ALLOCATIONS = ("global", "uniform")
 
 
@@ -34,6 +34,14 @@ class TNConfig:
     over the Linear/Conv targets, ``"uniform"``: every layer at the ratio); ``budget="flops"`` is not
     used for Tucker.
 
+    ``budget``: what ``compression_ratio`` divides - "params" (dense / TN parameters), "flops"
+    (parameters weighted by each layer's output positions) or "latency" (dense / TN eval time
+    per layer, measured on this machine; implies ``plan_for_speed``; see ``tn_hf.cost``).
+    With a ratio, a layer whose TN form would have more parameters or FLOPs than the dense
+    layer stays dense (reported as "kept dense: <reason>"); with ``plan_for_speed=True`` the
+    ranks are chosen by measured time among forms of the layer's size, and a layer whose TN
+    form is not faster than dense stays dense too.
+
     ``target_modules`` / ``exclude_modules`` take exact module names or regexes (a pattern
     matches when ``re.fullmatch`` does, or when the name equals it or ends with ``.pattern``).
     """
@@ -57,6 +65,7 @@ class TNConfig:
     compress_hidden: bool = False      # recurrent layers: hidden-to-hidden in TN form too
     adaptive_reshape: bool = False     # tucker: ADA-Tucker's per-layer choice of order and dimensions
     shared_core: bool = False          # tucker: SCADA-Tucker's one core for all layers
+    plan_for_speed: bool = False       # measured rank choice; layers not faster as TN stay dense
 
     def __post_init__(self):
         if self.format not in FORMATS:

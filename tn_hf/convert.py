@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .decompositions import ranks_for_ratio
 from .layers import layer_from_spec, registry
 from .layers.base import TNLayer
+from .cost import kept_dense_row
 from .layers.tucker import tie_shared_cores
 from .report import CompressionReport, flops, layer_row, probe, rel_error
 from .serialization import CheckpointError, check_specs
@@ -42,8 +43,8 @@ def _decompose(t, config) -> TNLayer:
     kw: dict[str, Any] = {"compress_hidden": config.compress_hidden} if composite else {}
     if config.rel_error is not None:
         kw.update(rel_error=config.rel_error, max_rank=config.max_rank, n_modes=config.n_modes)
-    elif composite and config.compression_ratio is not None:
-        kw.update(compression_ratio=config.compression_ratio, n_modes=config.n_modes)
+    elif composite and config.compression_ratio is not None:  # the speed planner may set a per-layer ratio
+        kw.update(compression_ratio=t.spec.get("compression_ratio", config.compression_ratio), n_modes=config.n_modes)
     elif composite:  # one rank (int or list) for every matrix of the recurrent layer
         r = t.spec.get("ranks")
         kw.update(ranks=r if r is not None else config.ranks, n_modes=config.n_modes)
@@ -70,6 +71,13 @@ def _note(row: dict, layer, config) -> str | None:
     return f"{row['ratio']:.2f}x, not {asked:g}x: ranks are capped by the tensor's shape"
 
 
+def _plan(model, config) -> tuple[list, dict[str, str]]:
+    """``plan`` and the targets the speed planner kept dense ({name: reason}, see ``tn_hf.cost``)."""
+    model.__dict__.pop("tn_hf_kept_dense", None)
+    targets = plan(model, config)
+    return targets, model.__dict__.pop("tn_hf_kept_dense", None) or {}
+
+
 def compress(model: nn.Module, config, *, progress: bool = True, method: str = "direct") -> CompressionReport:
     """Swap the planned targets of ``model`` in place for TN layers decomposed from their weights.
 
@@ -83,11 +91,11 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
         the ``CompressionReport`` (also kept as ``model.tn_hf_report`` for the model card).
     """
     config = as_config(config)
-    targets = plan(model, config)
-    if not targets:
+    targets, kept = _plan(model, config)
+    if not targets and not kept:
         raise ValueError(f"compress: no module of {type(model).__name__} is a target for {config} "
                          "(all too small, skipped by default, or excluded)")
-    probed = probe(model, [t.name for t in targets])
+    probed = probe(model, [t.name for t in targets] + list(kept))
     specs = dict(getattr(model, "tn_hf_specs", None) or {})
     rows = []
     for t in tqdm(targets, desc="tn_hf compress", disable=not progress):
@@ -106,6 +114,7 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
         if note:
             row["note"] = note
         rows.append(row)
+    rows += [kept_dense_row(model, name, why, probed.get(name)) for name, why in kept.items()]
     model.tn_hf_specs = specs
     model.tn_hf_config = config.to_dict()
     _run_hooks("specs_changed", model)
@@ -124,15 +133,16 @@ def preview(model: nn.Module, config) -> CompressionReport:
     if config.rel_error is not None:
         raise ValueError("preview: TNConfig(rel_error=...) fixes the ranks only when decomposing; "
                          "use ranks= or compression_ratio=")
-    targets = plan(model, config)
-    probed = probe(model, [t.name for t in targets])
+    targets, kept = _plan(model, config)
+    probed = probe(model, [t.name for t in targets] + list(kept))
     rows = []
     for t in targets:
         spec = copy.deepcopy(t.spec)
         for leaf in leaf_specs(t.cls, spec).values():  # recurrent at a ratio: what from_dense picks
             if leaf.get("ranks") is None:
                 lcls = registry[leaf["class"]]
-                leaf["ranks"] = ranks_for_ratio(lcls._modes(leaf), config.compression_ratio, lcls.format)
+                ratio = t.spec.get("compression_ratio", config.compression_ratio)
+                leaf["ranks"] = ranks_for_ratio(lcls._modes(leaf), ratio, lcls.format)
         with torch.device("meta"):
             layer = layer_from_spec(spec)
         fd, ft = flops(t.module, layer, probed.get(t.name))
@@ -140,6 +150,7 @@ def preview(model: nn.Module, config) -> CompressionReport:
         row["dense_params"] = n_params(t.module)
         row["ratio"] = row["dense_params"] / max(row["tn_params"], 1)
         rows.append(row)
+    rows += [kept_dense_row(model, name, why, probed.get(name)) for name, why in kept.items()]
     return CompressionReport.build(rows, model_params_tn=n_params(model) - sum(r["dense_params"] - r["tn_params"]
                                                                                 for r in rows),
                                    requested_ratio=config.compression_ratio,

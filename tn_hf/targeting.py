@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import TNConfig
+from .cost import plan_for_speed
 from .decompositions import allocate_ranks
 from .layers import SUPPORTED_TYPES, layer_type, registry, tn_class_for
 from .layers.base import normalize_ranks
@@ -208,7 +209,9 @@ def plan(model: nn.Module, config) -> list[Target]:
     elif config.format == "tucker":  # per-layer ranks / ADA reshaping / shared core (layers.tucker)
         plan_tucker(targets, config)
     elif config.compression_ratio is not None and targets:
-        _allocate(model, targets, config)
+        if config.budget != "latency":  # latency: the speed planner picks the ranks
+            _allocate(model, targets, config)
+        targets = plan_for_speed(model, targets, config, allocate=_allocate)  # keeps dense what is not smaller
     return targets
 
 

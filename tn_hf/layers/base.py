@@ -45,6 +45,16 @@ def chain(cores) -> torch.Tensor:
     return m.reshape(r0, -1, m.shape[-1])
 
 
+def canonical(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with row-major strides on every dim (size-1 dims included).
+
+    ``Tensor.contiguous()`` keeps odd strides on size-1 dims (a permuted (r, 1, r) kernel core
+    reshaped to (r, r, 1, 1) reports contiguous with strides (r, 1, r, r)); some conv backends
+    read those strides and fail in backward. Every weight handed to a conv kernel goes
+    through here."""
+    return t.contiguous().view(-1).view(t.shape)
+
+
 def chain_flops(modes, ranks) -> int:
     """Multiply-add FLOPs (x2) of ``chain`` for cores with these modes and ranks."""
     f, n = 0, ranks[0] * modes[0]
@@ -143,6 +153,38 @@ class TNLayer(nn.Module):
         s = (target_var / summed) ** (1.0 / (2 * d))
         self.cores = nn.ParameterList(
             [nn.Parameter(torch.randn(ranks[k], modes[k], ranks[k + 1]) * s) for k in range(d)])
+
+    # ------------------------------------------------------------ inference cache
+    def cached(self, name, fn):
+        """``fn()`` computed once and reused while no core changed, whenever no gradient is recorded.
+
+        In eval / ``torch.no_grad`` / ``torch.inference_mode`` the merged core products (and a
+        rebuilt weight) do not depend on the input, so they are computed on the first call and
+        kept until a core changes. A change is seen through each core's ``data_ptr`` and
+        ``_version`` counter, which in-place updates bump (optimizer steps, ``load_state_dict``,
+        ``copy_``), and ``.to()`` moves; ``train()`` / ``eval()`` drop the cache too. While
+        autograd records (training) or under ``torch.compile`` nothing is cached."""
+        cores = self.cores
+        if not self.caching():
+            return fn()
+        key = (torch.is_inference_mode_enabled(),) + tuple((c.data_ptr(), c._version, c.dtype, c.device)
+                                                            for c in cores)
+        cache = self.__dict__.get("_tn_cache")
+        if cache is None or cache[0] != key:
+            cache = self.__dict__["_tn_cache"] = (key, {})
+        if name not in cache[1]:
+            cache[1][name] = fn()
+        return cache[1][name]
+
+    def caching(self) -> bool:
+        """Whether ``cached`` keeps results now (no autograd recording, not compiling)."""
+        if torch.compiler.is_compiling():
+            return False
+        return not (torch.is_grad_enabled() and any(c.requires_grad for c in self.cores))
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_tn_cache", None)
+        return super().train(mode)
 
     @property
     def ranks(self) -> list[int]:

@@ -2,6 +2,14 @@
 
 Tensorization: W reshaped to (o1..od, i1..id), modes paired as (o_k, i_k) and merged,
 so core k has shape (r[k-1], o_k * i_k, r[k]) (the pair flattened out-major).
+
+Default layout (TT, no factors or n_modes given): two cores with in_factors (1, I) and
+out_factors (O, 1), i.e. W = B A with B = core0 (O, r) and A = core1 (r, I). Among TT-matrix
+layouts of a given size it is the one whose forward costs least: 2 r (I + O) FLOPs per row
+of x, exactly twice its parameter count, run as two GEMMs (``x A^T B^T``). Balanced
+multi-mode layouts (``n_modes`` or explicit factors) cost r^2-times-mode FLOPs per row and
+win only at very high compression. TR keeps the balanced default (its ring rank multiplies
+the cost of a two-core ring).
 """
 from __future__ import annotations
 
@@ -45,6 +53,8 @@ class _TNLinear(TNLayer):
     def dense_spec_from_sizes(cls, in_features, out_features, bias=True, *, ranks=None, in_factors=None,
                               out_factors=None, n_modes=None):
         where = f"{cls.__name__}({in_features}->{out_features})"
+        if cls.format == "tt" and in_factors is None and out_factors is None and n_modes is None:
+            in_factors, out_factors = (1, int(in_features)), (int(out_features), 1)
         fi, fo = pair_factors(int(in_features), int(out_features), in_factors, out_factors, n_modes, where)
         if len(fi) != len(fo):
             raise ValueError(f"{where}: in_factors {fi} and out_factors {fo} must have the same length "
@@ -110,28 +120,49 @@ class _TNLinear(TNLayer):
     def _dense_path_flops(self, batch: int) -> int:
         return chain_flops(self._modes(self._spec), self.ranks) + 2 * batch * self.in_features * self.out_features
 
+    @property
+    def low_rank(self) -> bool:
+        """Two-core TT with in_factors (1, I), out_factors (O, 1): the forward is two GEMMs."""
+        return (self.format == "tt" and len(self.in_factors) == 2 and self.in_factors[0] == 1
+                and self.out_factors[1] == 1)
+
     def use_dense_path(self, batch: int) -> bool:
-        return self._dense_path_flops(batch) < SWEEP_OVERHEAD * self._contract_flops(batch)
+        """Cheaper path by FLOPs (the sweep weighted by SWEEP_OVERHEAD unless it is two GEMMs); while
+        ``cached`` keeps the rebuilt weight (eval, no_grad), the rebuild does not count."""
+        overhead = 1.0 if self.low_rank else SWEEP_OVERHEAD
+        dense = 2 * batch * self.in_features * self.out_features if self.caching() else self._dense_path_flops(batch)
+        return dense < overhead * self._contract_flops(batch)
+
+    def _low_rank_factors(self):
+        r = self.cores[0].shape[-1]
+        return (self.cores[1].reshape(r, self.in_features).contiguous(),
+                self.cores[0].reshape(self.out_features, r).contiguous())
+
+    def _sweep_cores(self, reverse):
+        """Cores as (r, o_k, i_k, q) in sweep order (reversed ring: transposed, last first)."""
+        fo, fi, cores = list(self.out_factors), list(self.in_factors), list(self.cores)
+        if reverse:
+            fo, fi, cores = fo[::-1], fi[::-1], [c.permute(2, 1, 0) for c in cores[::-1]]
+        return [c.reshape(c.shape[0], o, i, -1).contiguous() for c, o, i in zip(cores, fo, fi)]
 
     def _contract(self, x, reverse=None):
         """x (B, I) -> (B, O) by contracting the cores one at a time (no dense weight).
 
         The sweep runs first-to-last or last-to-first core, whichever costs fewer FLOPs; the
         reversed sweep is the same sweep over the reversed ring (cores transposed)."""
-        fo, fi, cores = list(self.out_factors), list(self.in_factors), list(self.cores)
+        fo, fi = list(self.out_factors), list(self.in_factors)
         if reverse is None:
             fwd, bwd = self._sweep_costs(x.shape[0])
             reverse = bwd < fwd
         b, d = x.shape[0], len(fo)
+        cores = self.cached(("sweep", bool(reverse)), lambda: self._sweep_cores(reverse))
         if reverse:
             fo, fi = fo[::-1], fi[::-1]
-            cores = [c.permute(2, 1, 0) for c in cores[::-1]]
             x = x.reshape(b, *fi[::-1]).permute(0, *range(d, 0, -1)).reshape(b, -1)
         a = cores[0].shape[0]
-        c0 = cores[0].reshape(a, fo[0], fi[0], -1)
-        t = torch.einsum("bis,aoiq->boaqs", x.reshape(b, fi[0], -1), c0)  # (B, O, A, r, I_rest)
+        t = torch.einsum("bis,aoiq->boaqs", x.reshape(b, fi[0], -1), cores[0])  # (B, O, A, r, I_rest)
         for k in range(1, d):
-            g = cores[k].reshape(cores[k].shape[0], fo[k], fi[k], -1)
+            g = cores[k]
             t = t.reshape(b, t.shape[1], a, g.shape[0], fi[k], -1)
             t = torch.einsum("bOaris,roiq->bOoaqs", t, g)
             t = t.reshape(b, -1, a, g.shape[-1], t.shape[-1])
@@ -147,7 +178,10 @@ class _TNLinear(TNLayer):
             raise ValueError(f"{self._where(self._spec)}: input last dim {x.shape[-1]} != in_features")
         x2 = x.reshape(-1, self.in_features)
         if self.use_dense_path(x2.shape[0]):
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self.cached("weight", lambda: self.weight), self.bias)
+        if self.low_rank:
+            a, b = self.cached("low_rank", self._low_rank_factors)
+            return F.linear(F.linear(x, a), b, self.bias)
         y = self._contract(x2)
         if self.bias is not None:
             y = y + self.bias

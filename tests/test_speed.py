@@ -1,0 +1,293 @@
+"""Speed-related behaviour: contiguous conv weights, cached eval weights, the layout planner."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tn_hf.layers import TTConv2d, conv as conv_mod
+
+D = torch.float64
+
+
+def _canonical_strides(t):
+    s, acc = [], 1
+    for n in reversed(t.shape):
+        s.append(acc)
+        acc *= n
+    return tuple(reversed(s))
+
+
+@pytest.mark.parametrize("fmt,dense_path", [("tt", False), ("tt", True), ("tr", False)])
+def test_strided_1x1_conv_fwd_bwd_matches_dense(monkeypatch, fmt, dense_path):
+    """64->128 1x1 stride-2 conv (ResNet downsample): every weight reaching the conv kernel has
+    row-major strides, and forward + backward equal the rebuilt dense conv in float64."""
+    from tn_hf.layers import TRConv2d
+    torch.manual_seed(0)
+    cls, ranks = (TTConv2d, [1, 7, 36, 36, 7, 1]) if fmt == "tt" else (TRConv2d, [2, 4, 12, 12, 4, 2])
+    m = cls.from_dense(nn.Conv2d(64, 128, 1, stride=2, bias=True).to(D), ranks=ranks)
+    seen = []
+    real = conv_mod._CONV_FN[2]
+
+    def spy(x, w, *a, **k):
+        seen.append((tuple(w.shape), w.stride(), _canonical_strides(w)))
+        return real(x, w, *a, **k)
+
+    monkeypatch.setitem(conv_mod._CONV_FN, 2, spy)
+    monkeypatch.setattr(m, "use_dense_path", lambda *_: dense_path)
+    x = torch.randn(3, 64, 9, 9, dtype=D, requires_grad=True)
+    y = m(x)
+    gx, *gc = torch.autograd.grad((y * y).sum(), (x, *m.cores))
+    assert seen and all(s == c for _, s, c in seen), seen
+    # reference: dense conv on the rebuilt weight, gradients through the same rebuild
+    xr = x.detach().clone().requires_grad_(True)
+    yr = F.conv2d(xr, m.weight, m.bias, stride=2)
+    gxr, *gcr = torch.autograd.grad((yr * yr).sum(), (xr, *m.cores))
+    torch.testing.assert_close(y, yr, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gx, gxr, rtol=1e-10, atol=1e-12)
+    for a, b in zip(gc, gcr):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def _counting(monkeypatch, layer, name):
+    calls = []
+    real = getattr(layer, name)
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(layer, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("case", ["conv_factorized", "conv_dense", "linear_sweep", "linear_dense"])
+def test_eval_cache_reused_until_a_core_changes(monkeypatch, case):
+    from tn_hf.layers import TTLinear
+    torch.manual_seed(0)
+    if case.startswith("conv"):
+        m = TTConv2d(6, 8, 3, padding=1, ranks=3, in_factors=(2, 3), out_factors=(2, 4)).to(D)
+        x = torch.randn(2, 6, 5, 5, dtype=D)
+        merge = "_factors" if case == "conv_factorized" else "full_tensor"
+    else:
+        m = TTLinear(12, 20, ranks=3, in_factors=(3, 4), out_factors=(4, 5)).to(D)
+        x = torch.randn(5, 12, dtype=D)
+        merge = "_sweep_cores" if case == "linear_sweep" else "full_tensor"
+    monkeypatch.setattr(m, "use_dense_path", lambda *_: case.endswith("dense"))
+    calls = _counting(monkeypatch, m, merge)
+    ref = lambda: m.to_dense()(x)  # noqa: E731
+
+    m.eval()
+    with torch.no_grad():
+        y1, n0 = m(x), len(calls)
+        y2 = m(x)
+        assert n0 == 1 and len(calls) == 1 and torch.equal(y1, y2)   # merged once, reused
+        torch.testing.assert_close(y1, ref(), rtol=1e-10, atol=1e-12)
+
+    # training step: gradients flow (nothing cached while autograd records), then the cache is stale
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    before = len(calls)
+    m(x).pow(2).sum().backward()
+    m(x)
+    assert len(calls) == before + 2 and all(c.grad is not None for c in m.cores)
+    opt.step()
+    m.eval()
+    with torch.no_grad():
+        n = len(calls)
+        y3 = m(x)
+        assert len(calls) == n + 1                                    # the step invalidated the cache
+        torch.testing.assert_close(y3, ref(), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(y3, y1)
+
+    # load_state_dict (in-place copy) invalidates, inference_mode works too
+    other = type(m).from_spec(m.spec()).to(D)
+    expect = other.to_dense()(x).detach()
+    n = len(calls)
+    m.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        y4 = m(x)
+        m(x)
+    assert len(calls) == n + 1
+    torch.testing.assert_close(y4, expect, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_compile_inductor_compressed_model():
+    from tn_hf.layers import TTLinear
+    torch.manual_seed(0)
+    model = nn.Sequential(TTConv2d(4, 8, 3, padding=1, ranks=3, in_factors=(2, 2), out_factors=(2, 4)),
+                          nn.ReLU(), nn.Flatten(), TTLinear(8 * 16, 10, ranks=3)).eval()
+    x = torch.randn(2, 4, 4, 4)
+    compiled = torch.compile(model, backend="inductor")
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- planner
+import tn_hf  # noqa: E402
+from tn_hf import cost  # noqa: E402
+from tn_hf.layers import TTLinear  # noqa: E402
+
+
+class _Net(nn.Module):
+    """Two convs and two linears, with a declared input size (what timm models declare)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.a = nn.Conv2d(16, 64, 3, padding=1)
+        self.b = nn.Conv2d(64, 64, 3, padding=1)
+        self.fc1 = nn.Linear(64, 256)
+        self.fc2 = nn.Linear(256, 10)
+        self.pretrained_cfg = {"input_size": (3, 8, 8)}
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.a(torch.relu(self.stem(x)))))
+        return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
+
+
+def _fake_costs(monkeypatch, fn):
+    """Replace measured time ratios by fn(spec, shape); record the calls."""
+    calls = []
+
+    def ratio(self, what, build, dense, shape, device, dtype):
+        calls.append((what["class"], tuple(shape)))
+        return fn(what, shape)
+    monkeypatch.setattr(cost.CostModel, "ratio", ratio)
+    monkeypatch.setattr(cost.CostModel, "save", lambda self: None)
+    return calls
+
+
+def test_planner_keeps_slow_layers_dense_and_rebalances_budget(monkeypatch):
+    torch.manual_seed(0)
+    # conv "a" is slower as TN at every size; everything else is 0.5x dense
+    calls = _fake_costs(monkeypatch, lambda spec, shape: 1.3 if spec.get("in_channels") == 16 else 0.5)
+    m = _Net().eval()
+    cfg = tn_hf.TNConfig(compression_ratio=3.0, min_params=4000, allocation="uniform", plan_for_speed=True)
+    report = tn_hf.compress(m, cfg, progress=False)
+    rows = {r["name"]: r for r in report.rows}
+    assert set(rows) == {"a", "b", "fc1"}
+    assert type(m.a) is nn.Conv2d and isinstance(m.b, TTConv2d) and isinstance(m.fc1, TTLinear)
+    assert rows["a"]["kept_dense"].startswith("TN not faster (1.30x dense time at batch 32")
+    assert rows["a"]["tn_type"].startswith("kept dense: TN not faster") and rows["a"]["ratio"] == 1.0
+    assert "kept dense: TN not faster" in str(report)
+    # both planning batches measured, at the probed shapes
+    assert ("TTConv2d", (32, 64, 8, 8)) in calls and ("TTLinear", (1, 64)) in calls
+    # the budget of the layer kept dense moved to the others: the targets as a whole stay at 3x
+    w = {n: getattr(m, n).weight.numel() if n == "a" else sum(c.numel() for c in getattr(m, n).cores)
+         for n in rows}
+    dense = 16 * 64 * 9 + 64 * 64 * 9 + 64 * 256
+    assert 2.7 <= dense / sum(w.values()) <= 3.3
+    assert rows["b"]["ratio"] > 3.2 and rows["fc1"]["ratio"] > 3.2
+    y = m(torch.randn(2, 3, 8, 8))
+    assert y.shape == (2, 10)
+
+
+def test_planner_prefers_faster_aligned_ranks(monkeypatch):
+    # measured: unaligned ranks are slow (as conv kernels are at odd channel counts)
+    _fake_costs(monkeypatch, lambda spec, shape: 0.5 if all(r % 8 == 0 or r < 8 for r in spec["ranks"]) else 0.8)
+    m = _Net().eval()
+    cfg = tn_hf.TNConfig(compression_ratio=3.0, target_modules=["b"], allocation="uniform", plan_for_speed=True)
+    tn_hf.compress(m, cfg, progress=False)
+    assert all(r % 8 == 0 or r < 8 for r in m.b.ranks), m.b.ranks
+    dense = 64 * 64 * 9
+    assert dense / 3 * cost.MIN_FILL <= sum(c.numel() for c in m.b.cores) <= dense / 3
+
+
+def test_latency_budget_is_a_time_ratio(monkeypatch):
+    # synthetic cost: time proportional to the TN params (FLOPs ~ params for these layers)
+    def fn(spec, shape):
+        from tn_hf.layers import registry
+        layer = registry[spec["class"]].from_spec(spec)
+        return sum(c.numel() for c in layer.cores) / layer.dense_params()
+    _fake_costs(monkeypatch, fn)
+    m = _Net().eval()
+    report = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=4.0, budget="latency", target_modules=["b", "fc1"]),
+                            progress=False)
+    for r in report.rows:  # the largest TN form at <= 1/4 of dense time: param ratio 4 (the grid step)
+        assert 4.0 <= r["ratio"] < 6.0, r
+    with pytest.raises(ValueError, match="budget.*latency"):
+        tn_hf.TNConfig(compression_ratio=2.0, budget="speed")
+
+
+def test_size_check_rejects_tn_larger_than_dense():
+    conv = nn.Conv2d(64, 8, 1)
+    spec = TTConv2d.dense_spec(conv, n_modes=1)
+    spec["ranks"] = [1, 8, 64, 1]  # 8*8 + 8*64 + 64*64 params > 512 dense
+    assert "not smaller" in cost._check_size(TTConv2d, spec, conv, (1, 64, 8, 8))
+    spec["ranks"] = [1, 4, 4, 1]
+    assert cost._check_size(TTConv2d, spec, conv, (1, 64, 8, 8)) is None
+
+
+def test_cost_cache_measures_once_and_persists(tmp_path, monkeypatch):
+    monkeypatch.setenv("TN_HF_CACHE", str(tmp_path))
+    dense = nn.Linear(64, 64)
+    layer = TTLinear.from_dense(dense, ranks=8)
+    builds = []
+
+    def build():
+        builds.append(1)
+        return layer
+    cm = cost.CostModel()
+    r1 = cm.ratio(layer.spec(), build, dense, (4, 64), torch.device("cpu"), torch.float32)
+    assert cm.ratio(layer.spec(), build, dense, (4, 64), torch.device("cpu"), torch.float32) == r1
+    cm.save()
+    assert r1 > 0 and len(builds) == 1 and (tmp_path / "cost.json").exists()
+    cm2 = cost.CostModel()
+    assert cm2.ratio(layer.spec(), build, dense, (4, 64), torch.device("cpu"), torch.float32) == r1
+    assert len(builds) == 1
+    cm2.ratio(layer.spec(), build, dense, (8, 64), torch.device("cpu"), torch.float32)  # new shape: measured
+    assert len(builds) == 2
+
+
+def test_default_linear_layout_is_low_rank_two_gemms():
+    torch.manual_seed(0)
+    dense = nn.Linear(96, 160).to(D)
+    m = TTLinear.from_dense(dense, compression_ratio=3)
+    assert m.low_rank and m.in_factors == (1, 96) and m.out_factors == (160, 1)
+    r = m.ranks[1]
+    assert sum(c.numel() for c in m.cores) == r * (96 + 160) <= 96 * 160 / 3
+    x = torch.randn(7, 96, dtype=D)
+    assert not m.use_dense_path(7)
+    assert m.flops((7, 96)) == 2 * 7 * r * (96 + 160) < m.dense_flops((7, 96))
+    torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias), rtol=1e-10, atol=1e-12)
+    full = TTLinear.from_dense(dense, rel_error=1e-12)  # full rank reproduces the dense layer
+    torch.testing.assert_close(full(x), dense(x), rtol=1e-9, atol=1e-10)
+
+
+def test_without_speed_planning_only_size_decides_and_nothing_is_timed(monkeypatch):
+    calls = _fake_costs(monkeypatch, lambda spec, shape: 5.0)  # "slower" everywhere: ignored
+    m = _Net().eval()
+    report = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, min_params=4000, allocation="uniform"),
+                            progress=False)
+    assert not calls and all(not r.get("kept_dense") for r in report.rows)
+    assert isinstance(m.a, TTConv2d) and isinstance(m.b, TTConv2d) and isinstance(m.fc1, TTLinear)
+    for r in report.rows:  # never more params or FLOPs than the dense layer
+        assert r["tn_params"] < r["dense_params"] and r["flops_tn"] < r["flops_dense"]
+
+
+def test_latency_budget_recurrent_layer_gets_planned_ratio(monkeypatch):
+    from tn_hf.layers import TTLSTM
+
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(96, 32, batch_first=True)
+            self.head = nn.Linear(32, 4)
+            self.pretrained_cfg = {"input_size": (5, 96)}
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1])
+
+    def fn(spec, shape):  # time ~ params of the input projection
+        leaf = spec["weights"]["weight_ih_l0"]
+        return sum(leaf["ranks"][k] * n * leaf["ranks"][k + 1] for k, n in
+                   enumerate(o * i for o, i in zip(leaf["out_factors"], leaf["in_factors"]))) / (96 * 128)
+    calls = _fake_costs(monkeypatch, fn)
+    m = Seq().eval()
+    report = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, budget="latency"), progress=False)
+    assert isinstance(m.lstm, TTLSTM) and calls and calls[0][1] == (1, 5, 96)
+    ih = m.lstm.ih_l0
+    assert 3.0 <= 96 * 128 / sum(c.numel() for c in ih.cores) < 6.0, report
+    y = m(torch.randn(2, 5, 96))
+    assert y.shape == (2, 4)

@@ -1,0 +1,442 @@
+"""Plan for speed: per target, the TN form that is smaller *and* faster than the dense layer.
+
+``targeting.plan`` calls ``plan_for_speed`` for every config with a ``compression_ratio``.
+Always (deterministic): a target whose TN form has at least the dense layer's weight params,
+or more FLOPs at the probed input shape, gets smaller ranks (the next param ratio of
+``LATENCY_GRID`` that fixes it) or, if none does, stays dense. With ``TNConfig(plan_for_speed=True)``
+or ``budget="latency"`` the choice is also *measured*, as below.
+
+Cost model. The cost of a form is its eval forward time (``torch.no_grad``, merged cores
+cached, see ``TNLayer.cached``) over that of the dense layer, at the input shape the layer sees
+in the model, on the machine it runs on, at the batch sizes ``PLAN_BATCHES`` = (1, 32). Input
+shapes come from one probe forward (``report.probe``: models that declare
+``pretrained_cfg["input_size"]``, as timm models do). Dense and TN are timed alternately (fastest
+of repeats after warm-up, ``measure_pair``) and the ratio is cached in ``$TN_HF_CACHE/cost.json``
+(default ``~/.cache/tn_hf``), keyed by the form's spec, the dense module, the input shape,
+device name, dtype, thread count, torch version and a hash of the layers' source: a machine
+pays once per layer shape. Where the input shape is unknown (no probe) nothing is timed and
+the deterministic rule alone applies. Under torch.distributed every process adopts process
+0's plan.
+
+Candidates. With ``budget="params"`` / ``"flops"`` the rank allocation fixes each layer's
+parameter budget ``P`` (its TN params at the allocated ranks). The candidates are the
+allocated ranks and the same ranks with the internal ranks above 8 (16) rounded to multiples
+of 8 (16), all down or one up and the rest down (``aligned_variants``), kept when their
+params are in [``MIN_FILL * P``, ``P``]: kernels run markedly faster at aligned channel
+counts (a 3x3 conv 96 -> 96 channels at 14x14 took half the time of 102 -> 102 here). The
+tensorization is the layer class's default (TTLinear: the two-core low-rank form, the TT-matrix
+layout of least FLOPs per parameter; TT conv: out-channel cores, kernel core, in-channel cores,
+run as 1x1 -> kxk -> 1x1), so planned ranks stay valid for ADMM and for configs that pin ranks.
+The candidate of least mean time ratio over the planning batches wins.
+
+Keep dense (measured). A target also stays dense when its best form is not faster: time ratio
+>= ``KEEP_BELOW[b]`` at a planning batch b (0.9 at batch 32, 1.0 at batch 1). The parameters of
+layers kept dense leave the budget: the other targets are re-allocated at the ratio that keeps
+the targets as a whole at ``compression_ratio`` (while possible), and planned again.
+
+``budget="latency"``: ``compression_ratio`` R is a time ratio. For each target, over the param
+ratios ``LATENCY_GRID`` (ascending, so descending size) the first whose best candidate runs at
+<= 1/R of the dense time at batch 32 (and no slower at batch 1) is taken: the largest TN form
+that is R times faster. If none reaches 1/R, the fastest candidate that passes the keep-dense
+test is taken, else the layer stays dense.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .decompositions import ranks_for_ratio, tn_params
+from .layers import layer_from_spec, registry
+from .layers.base import normalize_ranks
+from .report import probe
+
+PLAN_BATCHES = (1, 32)
+KEEP_BELOW = {1: 1.0, 32: 0.9}
+MIN_FILL = 0.85
+ALIGN = (8, 16)
+REALLOCATE_PASSES = 3
+LATENCY_GRID = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+MIN_SECONDS = 0.1       # total measured time per entry (repeats grow until reached)
+_CACHE_VERSION = 1
+log = logging.getLogger("tn_hf.cost")
+
+
+# ----------------------------------------------------------------------------- cache
+def cache_dir() -> Path:
+    return Path(os.environ.get("TN_HF_CACHE") or Path.home() / ".cache" / "tn_hf")
+
+
+@functools.lru_cache(maxsize=8)
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{device.type}:{name}"
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    """Hash of the TN layers' source: a measurement is stale once the forward code changes."""
+    h = hashlib.sha1()
+    for f in sorted((Path(__file__).parent / "layers").glob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CostModel:
+    """Measured eval time ratios TN form / dense layer, cached on disk as JSON."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else cache_dir() / "cost.json"
+        self.table: dict[str, float] = {}
+        self.dirty = False
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("version") == _CACHE_VERSION:
+                self.table = {k: float(v) for k, v in data.get("times", {}).items()}
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    @staticmethod
+    def key(what: dict, shape, device: torch.device, dtype: torch.dtype) -> str:
+        env = {"device": _device_name(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "code": _code_version()}
+        return json.dumps({"layer": what, "shape": list(shape), "env": env}, sort_keys=True)
+
+    def ratio(self, what: dict, build, dense: nn.Module, shape, device, dtype) -> float:
+        """Median eval time of ``build()`` over that of ``dense`` at ``shape``, timed alternately (cached)."""
+        k = self.key({"tn": what, "dense": _dense_key(dense)}, shape, device, dtype)
+        if k not in self.table:
+            t_tn, t_dense = measure_pair([build(), dense], shape, device, dtype)
+            self.table[k] = t_tn / t_dense
+            self.dirty = True
+        return self.table[k]
+
+    def save(self):
+        """Write the table, merged with what other processes wrote meanwhile (atomic replace)."""
+        if not self.dirty:
+            return
+        on_disk = CostModel(self.path).table
+        self.table = {**on_disk, **self.table}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"version": _CACHE_VERSION, "times": self.table}))
+        os.replace(tmp, self.path)
+        self.dirty = False
+
+
+def measure_pair(modules, shape, device, dtype, min_reps: int = 7, max_reps: int = 400) -> list[float]:
+    """Fastest seconds of ``m(x)`` for each module (eval, no_grad, x ~ N(0, 1) of ``shape``), the
+    modules timed in turn within each repeat so that machine load affects them alike; the minimum
+    over repeats is the estimate least disturbed by other processes."""
+    device = torch.device(device)
+    x = torch.randn(*shape, device=device, dtype=dtype)
+    was = [m.training for m in modules]
+    times: list[list[float]] = [[] for _ in modules]
+    try:
+        with torch.no_grad():
+            for m in modules:
+                m.eval()
+                for _ in range(2):
+                    m(x)
+            _sync(device)
+            while len(times[0]) < min_reps or (sum(map(sum, times)) < MIN_SECONDS and len(times[0]) < max_reps):
+                for m, ts in zip(modules, times):
+                    t0 = time.perf_counter()
+                    m(x)
+                    _sync(device)
+                    ts.append(time.perf_counter() - t0)
+    finally:
+        for m, w in zip(modules, was):
+            m.train(w)
+    return [min(ts) for ts in times]
+
+
+# ----------------------------------------------------------------------------- candidates
+def _leaf_specs(spec: dict) -> list[dict]:
+    return list(spec["weights"].values()) if isinstance(spec.get("weights"), dict) else [spec]
+
+
+def _with_ranks(cls, spec: dict, ranks) -> dict | None:
+    """A copy of a leaf spec with these ranks, or None when they don't fit the modes."""
+    try:
+        r = normalize_ranks(list(ranks), cls._modes(spec), cls.format, cls.__name__)
+    except ValueError:
+        return None
+    return dict(spec, ranks=r) if r == list(ranks) else None
+
+
+def _params(spec: dict) -> int:
+    return sum(tn_params(registry[s["class"]]._modes(s), s["ranks"]) for s in _leaf_specs(spec))
+
+
+def aligned_variants(cls, spec: dict) -> list[dict]:
+    """``spec`` and copies whose internal ranks above a (a in ALIGN) are multiples of a: all rounded
+    down, or one rounded up and the others down; kept when their params are within
+    [MIN_FILL, 1] x the original's."""
+    out, seen = [spec], {tuple(spec["ranks"])}
+    p0 = _params(spec)
+    r = spec["ranks"]
+    for a in ALIGN:
+        idx = [k for k in range(1, len(r) - 1) if r[k] > a]
+        for up in [None] + idx:
+            new = list(r)
+            for k in idx:
+                new[k] = -(-r[k] // a) * a if k == up else r[k] - r[k] % a
+            if cls.format == "tr" and r[0] > a:  # the ring rank, rounded down
+                new[0] = new[-1] = r[0] - r[0] % a
+            s = _with_ranks(cls, spec, new)
+            if s is not None and tuple(s["ranks"]) not in seen and MIN_FILL * p0 <= _params(s) <= p0:
+                out.append(s)
+                seen.add(tuple(s["ranks"]))
+    return out
+
+
+def spec_at_ratio(cls, spec: dict, q: float) -> dict:
+    """The spec with every TN matrix at parameter ratio q (decompositions.ranks_for_ratio)."""
+    spec = copy.deepcopy(spec)
+    for leaf in _leaf_specs(spec):
+        lcls = registry[leaf["class"]]
+        leaf["ranks"] = ranks_for_ratio(lcls._modes(leaf), q, lcls.format)
+    if getattr(cls, "composite", False):
+        spec["compression_ratio"] = float(q)
+    return spec
+
+
+# ----------------------------------------------------------------------------- shapes
+def _batch_dim(module: nn.Module) -> int:
+    if isinstance(module, (nn.LSTM, nn.GRU)) and not module.batch_first:
+        return 1
+    return 0
+
+
+def plan_shapes(module: nn.Module, probed_shape) -> dict[int, tuple] | None:
+    """{batch: input shape} for the planning batches, from the probed (batch-1) input shape."""
+    if probed_shape is None:
+        return None
+    bd = _batch_dim(module)
+    shape = list(probed_shape)
+    if len(shape) <= bd:
+        return None
+    return {b: tuple(shape[:bd] + [b] + shape[bd + 1:]) for b in PLAN_BATCHES}
+
+
+def _dense_key(module: nn.Module) -> dict:
+    return {"dense": type(module).__name__, "repr": repr(module)}
+
+
+# ----------------------------------------------------------------------------- planner
+class _Eval:
+    """Time ratios TN / dense of candidates, for one target at its planning shapes."""
+
+    def __init__(self, cm: CostModel, target, shapes):
+        self.cm, self.t, self.shapes = cm, target, shapes
+        p = next(target.module.parameters())
+        self.device, self.dtype = p.device, p.dtype
+
+    def ratios(self, spec: dict) -> dict[int, float]:
+
+        def build():
+            with torch.device(self.device):
+                return layer_from_spec(spec).to(dtype=self.dtype)
+        return {b: self.cm.ratio(spec, build, self.t.module, s, self.device, self.dtype)
+                for b, s in self.shapes.items()}
+
+
+def _flops(spec, shape) -> tuple[int, int] | None:
+    """(dense, TN) FLOPs of one forward at ``shape`` (layer built on the meta device)."""
+    try:
+        with torch.device("meta"):
+            layer = layer_from_spec(spec)
+        return int(layer.dense_flops(shape)), int(layer.flops(shape))
+    except (AttributeError, TypeError, ValueError, NotImplementedError, RuntimeError):
+        return None
+
+
+def _score(r: dict[int, float]) -> float:
+    return sum(r.values()) / len(r)
+
+
+def _passes(r: dict[int, float]) -> bool:
+    return all(v < KEEP_BELOW.get(b, 1.0) for b, v in r.items())
+
+
+def _fmt_ratios(r: dict[int, float]) -> str:
+    return ", ".join(f"{v:.2f}x dense time at batch {b}" for b, v in sorted(r.items(), reverse=True))
+
+
+def _check_size(cls, spec, module, shape) -> str | None:
+    """Why this TN form is not smaller than dense (params or FLOPs), or None."""
+    dense_params = sum(w.numel() for w in cls.dense_weights(module).values())
+    tn = _params(spec)
+    if tn >= dense_params:
+        return f"TN form not smaller ({tn} >= {dense_params} weight params)"
+    if shape is not None:
+        f = _flops(spec, shape)
+        if f is not None and f[1] >= f[0]:
+            return f"TN form needs more FLOPs ({f[1]} >= {f[0]} per sample)"
+    return None
+
+
+def _choose(ev: _Eval | None, cls, candidates: list[dict], module, shape1):
+    """(best spec, its ratios or None, reason it is rejected or None)."""
+    ok = [(s, _check_size(cls, s, module, shape1)) for s in candidates]
+    fine = [s for s, why in ok if why is None]
+    if not fine:
+        return None, None, ok[0][1]
+    if ev is None:  # shapes unknown: FLOPs/params decide, the first (largest) candidate wins
+        return fine[0], None, None
+    scored = sorted(((_score(r), i, s, r) for i, s in enumerate(fine) for r in [ev.ratios(s)]),
+                    key=lambda z: (z[0], z[1]))
+    _, _, best, r = scored[0]
+    return best, r, (None if _passes(r) else f"TN not faster ({_fmt_ratios(r)}; best TN form: "
+                                             f"{_params(best)} params, ranks {_ranks_str(best)})")
+
+
+def _ranks_str(spec: dict) -> str:
+    return "; ".join("-".join(str(v) for v in s["ranks"]) for s in _leaf_specs(spec))
+
+
+def plan_for_speed(model: nn.Module, targets: list, config, *, allocate, progress: bool = False) -> list:
+    """Refine ``targets`` (from ``targeting.plan``, whose rank allocation is ``allocate``) for speed; returns the targets that get a TN form.
+
+    The others are recorded in ``model.tn_hf_kept_dense`` = {name: reason} (read by compress's
+    report). With a params/flops budget, the parameters of layers kept dense are taken out of
+    the budget: the remaining targets are re-allocated at the ratio that keeps the total over
+    all targets at ``compression_ratio`` (when that is still possible), then planned again.
+    See the module docstring for the cost model and the rules."""
+    measured = config.plan_for_speed or config.budget == "latency"
+    probed = probe(model, [t.name for t in targets])
+    cm = CostModel()
+    kept: dict[str, str] = {}
+    try:
+        out = _plan_targets(cm, targets, config, config.compression_ratio, probed, kept, progress, measured)
+        size = {t.name: sum(w.numel() for w in t.cls.dense_weights(t.module).values()) for t in targets}
+        for _ in range(REALLOCATE_PASSES if config.budget != "latency" else 0):
+            rest = sum(size[t.name] for t in out)
+            budget = sum(size.values()) / config.compression_ratio - (sum(size.values()) - rest)
+            if not out or budget <= 0 or rest / budget <= config.compression_ratio * 1.01:
+                break
+            ratio, n_kept = rest / budget, len(kept)
+            allocate(model, out, dataclasses.replace(config, compression_ratio=ratio))
+            out = _plan_targets(cm, out, config, ratio, probed, kept, progress, measured)
+            if len(kept) == n_kept:
+                break
+    finally:
+        cm.save()
+    if measured:
+        out, kept = _agree(targets, out, kept)
+    model.tn_hf_kept_dense = kept
+    return out
+
+
+def _agree(targets, out, kept):
+    """Under torch.distributed every process takes process 0's plan (timings differ between
+    processes; the model structure must not)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return out, kept
+    box = [({t.name: t.spec for t in out}, kept)]
+    dist.broadcast_object_list(box, src=0)
+    specs, kept = box[0]
+    chosen = []
+    for t in targets:
+        if t.name in specs:
+            t.spec = specs[t.name]
+            chosen.append(t)
+    return chosen, kept
+
+
+def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) -> list:
+    latency = config.budget == "latency"
+    out = []
+    for t in tqdm(targets, desc="tn_hf plan (measuring)", disable=not progress):
+        composite = getattr(t.cls, "composite", False)
+        shapes = plan_shapes(t.module, probed.get(t.name, (None,))[0])
+        ev = _Eval(cm, t, shapes) if (shapes and measured) else None
+        shape1 = shapes[1] if shapes else None
+
+        def cands(q=None, t=t, composite=composite):
+            base = spec_at_ratio(t.cls, t.spec, q if q is not None else ratio) \
+                if (composite or q is not None) else t.spec
+            return [base] if composite else aligned_variants(t.cls, base)
+
+        if not latency:
+            spec, r, why = _choose(ev, t.cls, cands(), t.module, shape1)
+        elif ev is None:  # no shapes to time: FLOPs stand in for time
+            spec, r, why = _choose(None, t.cls, cands(ratio), t.module, shape1)
+        else:
+            spec, r, why = _latency(ev, t, cands, ratio, shape1)
+        if why is not None and ev is None:  # size rule only: smaller ranks until the TN form is smaller
+            dense = sum(w.numel() for w in t.cls.dense_weights(t.module).values())
+            now = ratio if composite else dense / max(1, _params(cands()[0]))
+            for q in (q for q in LATENCY_GRID if q > now):
+                s2 = cands(q)[0]
+                if _check_size(t.cls, s2, t.module, shape1) is None:
+                    spec, why = s2, None
+                    break
+        log.info("%s: %s", t.name, why or f"TN {_ranks_str(spec)}, {_params(spec)} params"
+                 + (f", {_fmt_ratios(r)}" if r else ""))
+        if why is not None:
+            kept[t.name] = why
+            continue
+        t.spec = spec
+        out.append(t)
+    return out
+
+
+def _latency(ev: _Eval, t, cands, ratio: float, shape1):
+    """Largest TN form (ascending param ratio) whose batch-32 time is <= dense / ratio."""
+    goal = {b: (1.0 / ratio if b == max(PLAN_BATCHES) else KEEP_BELOW.get(b, 1.0)) for b in PLAN_BATCHES}
+    best = None  # fastest passing candidate seen, the fallback
+    first_why = None
+    for q in LATENCY_GRID:
+        spec, r, why = _choose(ev, t.cls, cands(q), t.module, shape1)
+        if spec is None:
+            first_why = first_why or why
+            continue
+        if why is None and (best is None or _score(r) < _score(best[1])):
+            best = (spec, r)
+        if all(r[b] <= g for b, g in goal.items()):
+            return spec, r, None
+    if best is not None:
+        return best[0], best[1], None
+    return None, None, first_why or "TN not faster at any size in the latency grid"
+
+
+def kept_dense_row(model: nn.Module, name: str, reason: str, probed=None) -> dict:
+    """compress report row of a target kept dense: ratio 1, tn_type "kept dense: <reason>".
+
+    FLOPs as elsewhere in the report: per sample when probed (2 x output positions x weight
+    entries), per position for Linear/recurrent layers otherwise, unknown for convs."""
+    module = model.get_submodule(name)
+    n = sum(p.numel() for p in module.parameters())
+    w = sum(p.numel() for k, p in module.named_parameters() if k.startswith("weight"))
+    pos = probed[1] if probed is not None else (None if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                                                else 1)
+    flops = None if pos is None else 2 * pos * w
+    return {"name": name, "type": type(module).__name__, "tn_type": f"kept dense: {reason}", "dense_params": n,
+            "tn_params": n, "ratio": 1.0, "ranks": None, "rel_error": 0.0, "flops_dense": flops,
+            "flops_tn": flops, "kept_dense": reason}
