@@ -225,3 +225,14 @@ def test_help_is_fast():
     assert time.perf_counter() - t0 < 5  # no torch / transformers / timm import for --help
     code = "import sys; from tn_hf.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_inspect_totals_equal_compress_totals(compressed_dir):
+    """`tn-hf inspect` (header only) and compress count the same things."""
+    import timm
+    from tn_hf.cli import inspect_checkpoint
+    model = timm.create_model(f"local-dir:{compressed_dir}", pretrained=True)
+    live = CompressionReport.from_model(model).totals
+    read = inspect_checkpoint(str(compressed_dir)).totals
+    for k in ("model_params_dense", "model_params_tn", "target_params_dense", "target_params_tn"):
+        assert live[k] == read[k], k

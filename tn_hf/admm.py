@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from accelerate.utils import extract_model_from_parallel
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
@@ -100,10 +101,8 @@ class _Slot:
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module) and \
-            type(model).__name__ in ("DistributedDataParallel", "DataParallel", "OptimizedModule"):
-        model = model.module
-    return getattr(model, "_orig_mod", model)
+    """The model inside DDP / DataParallel / DeepSpeed / torch.compile wrappers (accelerate's unwrap)."""
+    return extract_model_from_parallel(model, keep_torch_compile=False)
 
 
 def _is_dtensor(t) -> bool:

@@ -23,7 +23,7 @@ from .layers import layer_from_spec, registry
 from .layers.base import TNLayer
 from .cost import kept_dense_row
 from .layers.tucker import tie_shared_cores
-from .report import CompressionReport, flops, layer_row, probe, rel_error
+from .report import CompressionReport, flops, layer_row, n_stored, probe, rel_error
 from .serialization import CheckpointError, check_specs
 from .targeting import as_config, is_transformers, leaf_specs, n_params, plan
 
@@ -118,7 +118,7 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
     model.tn_hf_specs = specs
     model.tn_hf_config = config.to_dict()
     _run_hooks("specs_changed", model)
-    report = CompressionReport.build(rows, model_params_tn=n_params(model), requested_ratio=config.compression_ratio,
+    report = CompressionReport.build(rows, model_params_tn=n_stored(model), requested_ratio=config.compression_ratio,
                                      flops_per="sample" if probed else "position", method=method)
     model.tn_hf_report = report  # used by save_pretrained's model card
     return report
@@ -151,7 +151,7 @@ def preview(model: nn.Module, config) -> CompressionReport:
         row["ratio"] = row["dense_params"] / max(row["tn_params"], 1)
         rows.append(row)
     rows += [kept_dense_row(model, name, why, probed.get(name)) for name, why in kept.items()]
-    return CompressionReport.build(rows, model_params_tn=n_params(model) - sum(r["dense_params"] - r["tn_params"]
+    return CompressionReport.build(rows, model_params_tn=n_stored(model) - sum(r["dense_params"] - r["tn_params"]
                                                                                 for r in rows),
                                    requested_ratio=config.compression_ratio,
                                    flops_per="sample" if probed else "position", dry_run=True)

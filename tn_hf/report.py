@@ -2,8 +2,9 @@
 
 Rows: ``name, type, tn_type, dense_params, tn_params, ratio, ranks, rel_error, flops_dense,
 flops_tn`` and, for a layer that did not reach the requested ratio, a ``note`` saying why.
-Totals: over the compressed layers (``target_*``) and over the whole model (``model_*``), plus
-the requested ratio. A report is built by ``compress`` (with errors and FLOPs), from a live model
+Totals: over the compressed layers (``target_*``) and over the whole model (``model_*``: every
+value the checkpoint stores, parameters and buffers, as ``tn-hf inspect`` reads them from the
+safetensors header), plus the requested ratio. A report is built by ``compress`` (with errors and FLOPs), from a live model
 (``from_model``) or from a checkpoint's specs and safetensors header (``from_checkpoint``, no
 weights read).
 
@@ -25,6 +26,16 @@ from .layers import layer_from_spec
 
 COLUMNS = ("name", "type", "tn_type", "dense_params", "tn_params", "ratio", "ranks", "rel_error",
            "flops_dense", "flops_tn")
+
+
+def n_stored(model: nn.Module) -> int:
+    """Values the checkpoint stores: every tensor of the state dict once (parameters and buffers)."""
+    seen, total = set(), 0
+    for t in model.state_dict(keep_vars=True).values():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel()
+    return total
 
 
 def ranks_of(spec: dict):
@@ -74,7 +85,7 @@ class CompressionReport:
         specs = getattr(model, "tn_hf_specs", None) or {}
         rows = [layer_row(n, model.get_submodule(n), s) for n, s in specs.items()]
         cfg = getattr(model, "tn_hf_config", None) or {}
-        return cls.build(rows, model_params_tn=sum(p.numel() for p in model.parameters()),
+        return cls.build(rows, model_params_tn=n_stored(model),
                          requested_ratio=cfg.get("compression_ratio"))
 
     @classmethod
