@@ -5,19 +5,22 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+import tn_hf  # noqa: E402
+from tn_hf.cost import device_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def environment() -> dict:
-    import torch
-    env = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-           "device": "cuda" if torch.cuda.is_available() else "cpu"}
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name(0)
-    return env
+def environment(device: torch.device | str = "cpu") -> dict:
+    device = torch.device(device)
+    return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cores": os.cpu_count(), "python": platform.python_version(), "tn_hf": tn_hf.__version__}
 
 
 def write(name: str, data: dict, markdown: str, out_dir: Path | str = RESULTS) -> Path:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -27,6 +26,7 @@ import torch
 from tn_hf import TNConfig, demo
 from tn_hf.admm import ADMMScheduler
 from tn_hf.convert import compress
+from _results import environment  # noqa: E402
 
 ARMS = ("direct", "admm_default", "admm_tuned")
 
@@ -72,17 +72,6 @@ def run_cell(dense, train_loader, test_loader, cfg: TNConfig, *, admm_epochs: in
     out["direct"] = {"acc_decomposed": acc_dec, "acc_finetuned": demo.evaluate(m, test_loader)}
     out["ranks"] = ranks
     return out
-
-
-def environment() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
-            "python": platform.python_version()}
 
 
 def load(path: str) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tn_hf  # noqa: E402
 from tn_hf.demo import SmallCNN  # noqa: E402
+from _results import environment  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TIMM = ["resnet18", "resnet50", "convnext_tiny", "efficientnet_b0", "mobilenetv3_large_100",
@@ -65,25 +65,6 @@ def build(name: str) -> nn.Module:
 
 def input_size(model) -> tuple:
     return tuple(model.pretrained_cfg["input_size"])
-
-
-def environment(device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu, "device": str(device),
-           "python": platform.python_version()}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        import timm
-        env["timm"] = timm.__version__
-    except ImportError:
-        pass
-    return env
 
 
 def sync(device):

@@ -21,7 +21,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import time
 
 import torch
@@ -31,6 +30,7 @@ from torch.nn import functional as F
 import tn_hf
 from tn_hf import TNConfig, demo
 from tn_hf.layers.base import TNLayer
+from _results import environment  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JSON = os.path.join(HERE, "results", "tucker_mnist.json")
@@ -92,25 +92,6 @@ def weight_counts(model) -> tuple[int, int]:
     return dense, tn
 
 
-def admm_scheduler(model, cfg, **kw):
-    """tn_hf.ADMMScheduler with its Z-step through tn_hf.decompositions.project (any format)."""
-    from tn_hf import admm, decompositions as D
-    from tn_hf.layers import base
-
-    class Scheduler(admm.ADMMScheduler):
-        def _project(self, s, x):
-            return s.cls.detensorize(D.project(s.cls.tensorize(x, s.spec), s.ranks, s.cls.format),
-                                     s.spec).reshape(x.shape)
-
-    norm = base.normalize_ranks
-    base.normalize_ranks = lambda r, modes, fmt, where="layer": list(r) if fmt == "tucker" else norm(r, modes, fmt,
-                                                                                                     where)
-    try:
-        return Scheduler(model, cfg, **kw)
-    finally:
-        base.normalize_ranks = norm
-
-
 def run_variant(dense, tl, te, name, variant, ratio, spec, progress):
     fmt = "tucker" if variant.startswith("tucker") else variant
     kw = dict(spec["cfg"], format=fmt)
@@ -141,7 +122,7 @@ def run_admm(dense, tl, te, cfg, ranks, spec, progress):
     """ADMM for spec['admm'] epochs at the plan's ranks, decompose at those ranks, fine-tune the rest."""
     model = copy.deepcopy(dense)
     torch.manual_seed(3)
-    sched = admm_scheduler(model, cfg, rho=1e-2, update_every=10)
+    sched = tn_hf.ADMMScheduler(model, cfg, rho=1e-2, update_every=10)
     pinned = dict(sched.ranks)
     demo.train(model, tl, spec["admm"], sched, lr=1e-3, desc="ADMM", progress=progress)
     fixed = TNConfig.from_dict(dict(cfg.to_dict(), compression_ratio=None, allocation="global",
@@ -178,11 +159,6 @@ def run_shared(dense, tl, te, name, rank, spec, progress):
             "model_params": demo.n_params(model), "model_ratio": demo.n_params(dense) / demo.n_params(model),
             "acc_decomposed": acc_dec, "acc_finetuned": demo.evaluate(model, te),
             "ranks": {k: v.get("ranks") for k, v in model.tn_hf_specs.items()}}
-
-
-def environment() -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
-            platform.machine(), "python": platform.python_version(), "tn_hf": tn_hf.__version__}
 
 
 def main():

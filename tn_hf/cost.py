@@ -79,9 +79,10 @@ def cache_dir() -> Path:
 
 
 @functools.lru_cache(maxsize=8)
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """'cuda:<GPU name>' or 'cpu:<CPU model name>' (keys the cost cache; benchmarks record it)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -121,7 +122,7 @@ class CostModel:
 
     @staticmethod
     def key(what: dict, shape, device: torch.device, dtype: torch.dtype) -> str:
-        env = {"device": _device_name(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
+        env = {"device": device_name(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "code": _code_version()}
         return json.dumps({"layer": what, "shape": list(shape), "env": env}, sort_keys=True)
 
