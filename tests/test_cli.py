@@ -69,6 +69,8 @@ def test_push_then_inspect_repo(compressed_dir, hub, capsys):
     assert main(["push", str(compressed_dir), "org/cli-resnet", "--private"]) == 0
     assert hub.repos["org/cli-resnet"].private
     assert hub.files("org/cli-resnet")["model.safetensors"] == (compressed_dir / "model.safetensors").read_bytes()
+    card = hub.files("org/cli-resnet")["README.md"].decode()
+    assert 'timm.create_model("hf-hub:org/cli-resnet", pretrained=True)' in card and "local-dir:" not in card
     capsys.readouterr()
     assert main(["inspect", "org/cli-resnet"]) == 0
     out = capsys.readouterr()

@@ -207,7 +207,10 @@ def test_push_uploads_only_checkpoint_files_and_names_repo(hub, tmp_path, capsys
     assert {"config.json", "model.safetensors", "README.md"} <= set(files)
     assert "model.safetensors" in out and ".env" not in out  # listed before uploading
     card = files["README.md"].decode()
-    assert "ORG/NAME" not in card and 'from_pretrained("org/safe-push")' in card
+    assert 'tn_hf.from_pretrained("org/safe-push", model_class=Net)' in card
+    assert str(folder) not in card  # the card written locally named the folder; the Hub copy names the repo
+    local = (folder / "README.md").read_text()
+    assert f'tn_hf.from_pretrained("{folder}", model_class=Net)' in local and "ORG/NAME" not in local
 
 
 # ----------------------------------------------------------------------------- 6. half precision

@@ -17,7 +17,6 @@ from .report import CompressionReport
 
 TEMPLATE = "model_card.md"
 FIGURE = "compression.png"
-PLACEHOLDER = "ORG/NAME"  # repo id in a card rendered before the repo is known
 FORMAT_LONG = {"tt": "Tensor-Train", "tr": "Tensor-Ring", "tucker": "Tucker"}
 FORMAT_TAG = {"tt": "tensor-train", "tr": "tensor-ring", "tucker": "tucker-decomposition"}
 LIBRARIES = ("transformers", "timm", "pytorch")
@@ -104,14 +103,20 @@ def pipeline_tag(model, library_name: str) -> str | None:
     return next((tag for suffix, tag in _TASKS if name.endswith(suffix)), None)
 
 
-def _load_snippet(library_name: str, repo_id: str, model) -> str:
+def _load_snippet(library_name: str, source: str, model, on_hub: bool) -> tuple[str, str]:
+    """(the ecosystem's own load code, the tn_hf.from_pretrained line) for ``source``: a Hub repo id
+    (``on_hub``) or the folder the card was written to."""
+    cls = type(model).__name__
+    if library_name == "pytorch":
+        line = f'model = tn_hf.from_pretrained("{source}", model_class={cls})'
+        return f"from {type(model).__module__} import {cls}  # the model's own class\n{line}", line
+    any_loader = f'model = tn_hf.from_pretrained("{source}")'
     if library_name == "timm":
-        return f'import timm\nmodel = timm.create_model("hf-hub:{repo_id}", pretrained=True)'
-    if library_name == "transformers":
-        archs = getattr(getattr(model, "config", None), "architectures", None) or []
-        cls = archs[0] if archs else "AutoModel"
-        return f'from transformers import {cls}\nmodel = {cls}.from_pretrained("{repo_id}")'
-    return f'model = tn_hf.from_pretrained("{repo_id}")'
+        prefix = "hf-hub:" if on_hub else "local-dir:"
+        return f'import timm\nmodel = timm.create_model("{prefix}{source}", pretrained=True)', any_loader
+    archs = getattr(getattr(model, "config", None), "architectures", None) or []
+    name = archs[0] if archs else "AutoModel"
+    return f'from transformers import {name}\nmodel = {name}.from_pretrained("{source}")', any_loader
 
 
 def _metric_entries(metrics: dict | None, totals: dict) -> dict[str, float]:
@@ -129,12 +134,17 @@ def _metric_entries(metrics: dict | None, totals: dict) -> dict[str, float]:
 
 def render_model_card(model, *, report=None, library_name: str, base_model: str | None = None,
                       metrics: dict | None = None, dataset: str | None = None, repo_id: str | None = None,
-                      random_init: bool = False):
-    """Return ``(ModelCard, report_dict)`` without writing anything."""
+                      random_init: bool = False, local_path: str | None = None):
+    """Return ``(ModelCard, report_dict)`` without writing anything. The load code names ``repo_id``
+    or, before the model is on the Hub, ``local_path`` (``push_to_hub`` rewrites it; the report
+    dict records it as ``card_source``)."""
     if library_name not in LIBRARIES:
         raise ValueError(f"write_model_card: library_name={library_name!r}; valid choices are {LIBRARIES}")
-    rep = _as_report_dict(model, report)
+    rep = dict(_as_report_dict(model, report))
     rows, totals = rep["rows"], rep["totals"]
+    source = repo_id or local_path or "."
+    snippet, any_loader = _load_snippet(library_name, source, model, on_hub=repo_id is not None)
+    rep["card_source"] = None if repo_id else source
     fmt = _format_of(model)
     values = _metric_entries(metrics, totals)
     name = repo_id.split("/")[-1] if repo_id else f"{type(model).__name__}-{fmt}"
@@ -186,7 +196,7 @@ def render_model_card(model, *, report=None, library_name: str, base_model: str 
         target_ratio=_fmt_ratio(totals.get("target_ratio")),
         model_dense=_fmt_int(totals.get("model_params_dense")), model_tn=_fmt_int(totals.get("model_params_tn")),
         model_ratio=_fmt_ratio(totals.get("model_ratio")), flops_row=flops_row, metrics_section=metrics_section,
-        load_snippet=_load_snippet(library_name, repo_id or PLACEHOLDER, model), repo_id=repo_id or PLACEHOLDER,
+        load_snippet=snippet, any_loader=any_loader,
         layer_table=layer_table, config_summary=cfg_summary or "see config.json")
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     return card, rep
@@ -194,13 +204,15 @@ def render_model_card(model, *, report=None, library_name: str, base_model: str 
 
 def write_model_card(model, out_dir, *, report=None, library_name: str, base_model: str | None = None,
                      metrics: dict | None = None, dataset: str | None = None, repo_id: str | None = None,
-                     random_init: bool = False):
-    """Write ``README.md`` and ``compression.png`` into ``out_dir``; return the ``ModelCard``."""
+                     random_init: bool = False, local_path: str | None = None):
+    """Write ``README.md``, ``compression.png`` and ``tn_hf_report.json`` into ``out_dir``; return the
+    ``ModelCard``. ``local_path``: how a reader names this folder (default ``out_dir``)."""
     out = Path(out_dir)
     if not out.is_dir():
         raise FileNotFoundError(f"write_model_card: {out} is not a directory")
     card, rep = render_model_card(model, report=report, library_name=library_name, base_model=base_model,
-                                  metrics=metrics, dataset=dataset, repo_id=repo_id, random_init=random_init)
+                                  metrics=metrics, dataset=dataset, repo_id=repo_id, random_init=random_init,
+                                  local_path=local_path or str(out))
     plot_compression(rep["rows"], out / FIGURE)
     card.save(out / "README.md")
     (out / "tn_hf_report.json").write_text(json.dumps(rep, indent=2, default=str) + "\n", encoding="utf-8")

@@ -86,7 +86,7 @@ def save_pretrained(model: nn.Module, save_directory, *, model_args: dict | None
                                                "model_class": f"{cls.__module__}:{cls.__qualname__}"})
             S.write_weights(model, tmp / S.WEIGHTS_NAME)
             library = "pytorch"
-        write_model_card(model, tmp, report=report, library_name=library, **card_kwargs)
+        write_model_card(model, tmp, report=report, library_name=library, local_path=str(out), **card_kwargs)
 
     out = Path(save_directory)
     S.write_checkpoint(out, render)

@@ -5,7 +5,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from .cards import FIGURE, PLACEHOLDER
+from .cards import FIGURE
 from .hub import is_repo_id, save_pretrained
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, read_json
 
@@ -48,6 +48,15 @@ def checkpoint_files(folder: Path) -> list[str]:
     return names
 
 
+def _card_source(folder: Path) -> str | None:
+    """The folder name the model card's load code uses (tn_hf_report.json ``card_source``)."""
+    path = folder / "tn_hf_report.json"
+    if not path.is_file():
+        return None
+    source = read_json(path, path.name).get("card_source")
+    return source if isinstance(source, str) and source else None
+
+
 def push_to_hub(model, repo_id: str, *, private: bool = False, token: str | None = None,
                 commit_message: str | None = None, metrics: dict | None = None, dataset: str | None = None,
                 base_model: str | None = None, create_pr: bool = False, revision: str | None = None,
@@ -78,11 +87,13 @@ def push_to_hub(model, repo_id: str, *, private: bool = False, token: str | None
         logger.info("push_to_hub: uploading %s to %s", names, repo_id)
         if progress:
             print(f"tn_hf: uploading {len(names)} files to {repo_id}: {', '.join(names)}")
+        source = _card_source(folder)
         ops = []
         for name in names:
             data = (folder / name).read_bytes()
-            if name == "README.md":  # a card rendered without a repo id names a placeholder
-                data = data.replace(PLACEHOLDER.encode(), repo_id.encode())
+            if name == "README.md" and source:  # a card written before the push names the local folder
+                text = data.decode("utf-8").replace(f'"local-dir:{source}"', f'"hf-hub:{repo_id}"')
+                data = text.replace(f'"{source}"', f'"{repo_id}"').encode("utf-8")
             ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=data))
         try:
             api.create_repo(repo_id, private=private, exist_ok=True)
