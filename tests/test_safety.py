@@ -257,11 +257,16 @@ def test_hostile_specs_fail_before_allocation(tmp_path, edit, match):
     assert _peak_rss_mb() - rss < 200
 
 
-def test_hostile_timm_checkpoint_fails_before_allocation(tmp_path):
+def _timm_saved(path):
     timm = pytest.importorskip("timm")
     model = timm.create_model("test_resnet", pretrained=False)
     tn_hf.compress(model, tn_hf.TNConfig(ranks=4, min_params=1000), progress=False)
-    tn_hf.save_pretrained(model, tmp_path)
+    tn_hf.save_pretrained(model, path)
+    return timm
+
+
+def test_hostile_timm_checkpoint_fails_before_allocation(tmp_path):
+    timm = _timm_saved(tmp_path)
     name = next(iter(json.loads((tmp_path / "config.json").read_text())["tn_hf"]["specs"]))
 
     def huge(c):
@@ -275,10 +280,7 @@ def test_hostile_timm_checkpoint_fails_before_allocation(tmp_path):
 
 
 def test_hostile_timm_model_args_fail_before_allocation(tmp_path):
-    timm = pytest.importorskip("timm")
-    model = timm.create_model("test_resnet", pretrained=False)
-    tn_hf.compress(model, tn_hf.TNConfig(ranks=4, min_params=1000), progress=False)
-    tn_hf.save_pretrained(model, tmp_path)
+    _timm_saved(tmp_path)
     _edit_config(tmp_path, lambda c: c["model_args"].update(num_classes=10 ** 9))
     rss = _peak_rss_mb()
     with pytest.raises(ValueError, match=r"fc.weight: file \(1000, 96\) vs model \(1000000000, 96\)"):
