@@ -123,6 +123,21 @@ def test_save_into_cwd_keeps_cwd(tmp_path, monkeypatch):
     assert tn_hf.from_pretrained(".", model_class=Net) is not None
 
 
+def test_save_spares_the_users_readme_and_config(tmp_path):
+    (tmp_path / "README.md").write_text("# my project")
+    with pytest.warns(UserWarning, match="kept your .*README.md"):
+        _saved(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# my project"
+    assert tn_hf.from_pretrained(tmp_path, model_class=Net) is not None
+    other = tmp_path / "app"
+    other.mkdir()
+    (other / "config.json").write_text('{"port": 8080}')
+    with pytest.raises(FileExistsError, match="not a model checkpoint's config"):
+        _saved(other)
+    assert (other / "config.json").read_text() == '{"port": 8080}' and sorted(p.name for p in other.iterdir()) == [
+        "config.json"]
+
+
 def test_cli_compress_out_keeps_other_files(tmp_path):
     from tn_hf.cli import main
     out = tmp_path / "out"

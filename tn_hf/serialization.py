@@ -320,10 +320,33 @@ def recover(folder) -> None:
         except PermissionError as e:
             raise CheckpointError(f"{folder}: a save was interrupted and can't be completed here "
                                   f"(read-only?): {e}") from e
-    if folder.is_dir():
+    if folder.is_dir():  # what a save killed before its commit point left behind
         for p in folder.iterdir():
             if p.name.startswith(STAGING_PREFIX) and p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith(JOURNAL + ".") and p.is_file():
+                p.unlink(missing_ok=True)
+
+
+_CHECKPOINT_KEYS = ("tn_hf", "quantization_config", "architecture", "architectures", "model_type")
+
+
+def _spare_user_files(folder: Path, staging: Path) -> None:
+    """A README.md that is not a tn_hf model card stays (the new card is dropped, with a warning);
+    a config.json that is not a model checkpoint's is never replaced (an error, nothing written)."""
+    readme, config = folder / "README.md", folder / CONFIG_NAME
+    if (staging / "README.md").exists() and readme.is_file() and "tn_hf" not in readme.read_text(errors="replace"):
+        os.remove(staging / "README.md")
+        warnings.warn(f"save_pretrained: kept your {readme} (not a tn_hf model card); the model card was not "
+                      "written", stacklevel=4)
+    if (staging / CONFIG_NAME).exists() and config.is_file():
+        try:
+            old = json.loads(config.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            old = None
+        if not (isinstance(old, dict) and any(k in old for k in _CHECKPOINT_KEYS)):
+            raise FileExistsError(f"save_pretrained: {config} exists and is not a model checkpoint's config; "
+                                  "it is not replaced: save into another folder")
 
 
 def write_checkpoint(folder, render: Callable[[Path], None]) -> list[str]:
@@ -340,6 +363,7 @@ def write_checkpoint(folder, render: Callable[[Path], None]) -> list[str]:
     staging.mkdir()
     try:
         render(staging)
+        _spare_user_files(folder, staging)
         names = sorted(p.name for p in staging.iterdir())
         nested = [n for n in names if not (staging / n).is_file()]
         if nested:
