@@ -126,12 +126,95 @@ def decompose(tensor: torch.Tensor, fmt: str, *, ranks=None, max_rank=None, rel_
     return cores
 
 
+def _missing(cls, name: str) -> NotImplementedError:
+    return NotImplementedError(f"{cls.__name__} must implement {name} (part of the TNLayer contract)")
+
+
 class TNLayer(nn.Module):
-    """Base class; see module docstring. Subclasses set ``format`` and ``dense_type``."""
+    """Base of every TN layer; see the module docstring for the formats.
+
+    Class attributes a subclass sets: ``format`` ("tt", "tr", "tucker"), ``dense_type`` (the
+    dense module it replaces), ``composite`` (True when it holds TN leaves instead of cores).
+
+    The contract, what every concrete subclass implements (the defaults here raise
+    ``NotImplementedError`` naming the class and the method):
+
+    - ``dense_spec(module, **kw)`` (classmethod): spec dict of a dense module, ranks unset.
+    - ``_modes(spec)`` (static/classmethod, leaves): modes of the tensorized weight.
+    - ``tensorize(weight, spec)`` / ``detensorize(tensor, spec)`` (classmethods): dense weight
+      <-> tensor of shape ``_modes(spec)``; exact inverses.
+    - ``_from_spec(spec)`` (classmethod): an empty layer with the parameter shapes of ``spec``.
+    - ``forward(x)``: same signature and result as the dense module's.
+    - ``contract(x)`` (leaves): forward without rebuilding the dense weight (bias included).
+    - ``to_dense()``: the equivalent dense module (rebuilt weight).
+    - ``dense_params()``: parameter count of the dense module.
+    - ``flops(input_shape)`` / ``dense_flops(input_shape)``: forward FLOPs of this layer / of
+      the dense module for an input of that shape.
+    - ``_path_flops(input_shape)``: ``(contract FLOPs, rebuild FLOPs, rebuild chosen)``, used by
+      the public ``cost``.
+
+    Shared here: ``from_dense``, ``from_spec``, ``spec``, ``weight``, ``cached``, ``cost``.
+    """
 
     format: str = "tt"
     dense_type: type = nn.Module
     composite: bool = False
+
+    # ----------------------------------------------------------------- the contract
+    @classmethod
+    def dense_spec(cls, module, **kw) -> dict:
+        raise _missing(cls, "dense_spec")
+
+    @classmethod
+    def _modes(cls, spec) -> list[int]:
+        raise _missing(cls, "_modes")
+
+    @classmethod
+    def tensorize(cls, weight, spec) -> torch.Tensor:
+        raise _missing(cls, "tensorize")
+
+    @classmethod
+    def detensorize(cls, tensor, spec) -> torch.Tensor:
+        raise _missing(cls, "detensorize")
+
+    @classmethod
+    def _from_spec(cls, spec):
+        raise _missing(cls, "_from_spec")
+
+    def forward(self, *args, **kw):
+        raise _missing(type(self), "forward")
+
+    def contract(self, x) -> torch.Tensor:
+        raise _missing(type(self), "contract")
+
+    def to_dense(self) -> nn.Module:
+        raise _missing(type(self), "to_dense")
+
+    def dense_params(self) -> int:
+        raise _missing(type(self), "dense_params")
+
+    def flops(self, input_shape) -> int:
+        raise _missing(type(self), "flops")
+
+    def dense_flops(self, input_shape) -> int:
+        raise _missing(type(self), "dense_flops")
+
+    def _path_flops(self, input_shape) -> tuple[int, int, bool]:
+        raise _missing(type(self), "_path_flops")
+
+    def cost(self, input_shape) -> dict:
+        """FLOPs of each forward path for an input of ``input_shape``.
+
+        Returns ``{"contract": FLOPs without rebuilding the weight, "rebuild": FLOPs of rebuilding
+        the dense weight and running the dense op, "path": "contract" or "rebuild" (the one
+        ``forward`` takes now: in eval / no_grad a cached rebuilt weight makes "rebuild" cheaper),
+        "dense": FLOPs of the dense module}``. Composite layers sum their leaves and report
+        ``"path"`` per leaf."""
+        shape = tuple(int(s) for s in input_shape)
+        contract, rebuild, use_rebuild = self._path_flops(shape)
+        return {"contract": int(contract), "rebuild": int(rebuild),
+                "path": use_rebuild if isinstance(use_rebuild, dict) else ("rebuild" if use_rebuild else "contract"),
+                "dense": int(self.dense_flops(shape))}
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)

@@ -254,6 +254,14 @@ class _TNConv(TNLayer):
         return self.out_channels * self.in_channels * _prod(self.kernel_size) + \
             (self.out_channels if self.bias is not None else 0)
 
+    def contract(self, x):
+        """Forward by the factorized path (1x1 conv, small conv, 1x1 conv; no dense weight)."""
+        return self._factorized(x)
+
+    def _path_flops(self, input_shape):
+        tn, dense = self._stage_flops(tuple(input_shape))
+        return sum(tn.values()), sum(dense.values()), self.use_dense_path(tuple(input_shape))
+
     def flops(self, input_shape) -> int:
         tn, dense = self._stage_flops(tuple(input_shape))
         return min(sum(tn.values()), sum(dense.values()))

@@ -172,20 +172,23 @@ class _TNLinear(TNLayer):
             y = y.reshape(b, *fo).permute(0, *range(d, 0, -1)).reshape(b, -1)
         return y
 
+    def contract(self, x, reverse=None):
+        """Forward by the core sweep (no dense weight); ``reverse`` forces the sweep direction
+        (default: the cheaper one)."""
+        y = self._contract(x.reshape(-1, self.in_features), reverse)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x):
-        lead = x.shape[:-1]
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self._where(self._spec)}: input last dim {x.shape[-1]} != in_features")
-        x2 = x.reshape(-1, self.in_features)
-        if self.use_dense_path(x2.shape[0]):
+        if self.use_dense_path(_prod(x.shape[:-1])):
             return F.linear(x, self.cached("weight", lambda: self.weight), self.bias)
         if self.low_rank:
             a, b = self.cached("low_rank", self._low_rank_factors)
             return F.linear(F.linear(x, a), b, self.bias)
-        y = self._contract(x2)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        return self.contract(x)
 
     # -------------------------------------------------------------------- helpers
     def to_dense(self) -> nn.Linear:
@@ -196,10 +199,14 @@ class _TNLinear(TNLayer):
     def dense_params(self) -> int:
         return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
 
+    def _path_flops(self, input_shape):
+        b = _prod(input_shape[:-1])
+        return self._contract_flops(b), self._dense_path_flops(b), self.use_dense_path(b)
+
     def flops(self, input_shape) -> int:
         """FLOPs of the forward path this layer takes for that input shape."""
-        b = _prod(input_shape[:-1])
-        return self._dense_path_flops(b) if self.use_dense_path(b) else self._contract_flops(b)
+        contract, rebuild, use_rebuild = self._path_flops(input_shape)
+        return rebuild if use_rebuild else contract
 
     def dense_flops(self, input_shape) -> int:
         return 2 * _prod(input_shape[:-1]) * self.in_features * self.out_features

@@ -293,6 +293,14 @@ class _TNRNN(TNLayer):
             f += 2 * tok * g * h * self.num_layers * (2 if self.bidirectional else 1)
         return f
 
+    def _path_flops(self, input_shape):
+        """Leaves summed (plus the dense hidden-to-hidden matmuls on both paths); path per leaf."""
+        tok, g, h = self._tokens(input_shape), self.gates * self.hidden_size, self.hidden_size
+        hh = 0 if self.compress_hidden else 2 * tok * g * h * self.num_layers * (2 if self.bidirectional else 1)
+        costs = {name: leaf.cost((tok, leaf.in_features)) for name, leaf in tn_leaves(self)}
+        return (hh + sum(c["contract"] for c in costs.values()), hh + sum(c["rebuild"] for c in costs.values()),
+                {name: c["path"] for name, c in costs.items()})
+
     def dense_flops(self, input_shape) -> int:
         tok = self._tokens(input_shape)
         return sum(2 * tok * p.numel() for n, p in self.to_dense().named_parameters() if n.startswith("weight"))

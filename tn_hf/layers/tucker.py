@@ -223,17 +223,20 @@ class TuckerLinear(_TuckerLeaf):
         g = self.cores[0].reshape(b.shape[1], a.shape[1])
         return ((x2 @ a) @ g.T) @ b.T
 
+    def contract(self, x):
+        """Forward by the factorized path ``B (G (A^T x)) + b`` (no dense weight)."""
+        y = self._contract(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self._where(self._spec)}: input last dim {x.shape[-1]} != in_features "
                              f"{self.in_features}")
-        x2 = x.reshape(-1, self.in_features)
-        if self.use_dense_path(x2.shape[0]):
+        if self.use_dense_path(_prod(x.shape[:-1])):
             return F.linear(x, self.weight, self.bias)
-        y = self._contract(x2)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.contract(x)
 
     # -------------------------------------------------------------------- helpers
     def to_dense(self) -> nn.Linear:
@@ -243,6 +246,10 @@ class TuckerLinear(_TuckerLeaf):
 
     def dense_params(self) -> int:
         return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
+    def _path_flops(self, input_shape):
+        b = _prod(input_shape[:-1])
+        return (*self._costs(b), self.use_dense_path(b))
 
     def flops(self, input_shape) -> int:
         return min(self._costs(_prod(input_shape[:-1])))
