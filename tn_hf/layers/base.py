@@ -303,20 +303,31 @@ class TNLayer(nn.Module):
         return cls._from_spec(spec)
 
     @classmethod
+    def decompose_weight(cls, weight, spec, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
+                         where=None):
+        """(spec with ranks, cores) from TT-SVD / TR-SVD of ``tensorize(weight, spec)``."""
+        cores = decompose(cls.tensorize(weight.detach(), spec), cls.format, ranks=ranks, max_rank=max_rank,
+                          rel_error=rel_error, compression_ratio=compression_ratio, where=where or cls._where(spec))
+        return dict(spec, ranks=[cores[0].shape[0]] + [c.shape[-1] for c in cores]), cores
+
+    @classmethod
     def from_dense(cls, module, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
                    in_factors=None, out_factors=None, n_modes=None):
         spec = cls.dense_spec(module, ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
-        w = module.weight.detach()
-        cores = decompose(cls.tensorize(w, spec), cls.format, ranks=ranks, max_rank=max_rank,
-                          rel_error=rel_error, compression_ratio=compression_ratio, where=cls._where(spec))
-        spec["ranks"] = [cores[0].shape[0]] + [c.shape[-1] for c in cores]
+        w = module.weight
+        spec, cores = cls.decompose_weight(w, spec, ranks=ranks, max_rank=max_rank, rel_error=rel_error,
+                                           compression_ratio=compression_ratio)
         layer = cls.from_spec(spec).to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            for p, c in zip(layer.cores, cores):
-                p.copy_(c)
-            if getattr(module, "bias", None) is not None:
-                layer.bias.copy_(module.bias)
-        return layer
+        return layer.load_cores(cores, getattr(module, "bias", None))
+
+    @torch.no_grad()
+    def load_cores(self, cores, bias=None):
+        """Copy ``cores`` (and ``bias`` when given) into this leaf's parameters; returns the layer."""
+        for p, c in zip(self.cores, cores):
+            p.copy_(c)
+        if bias is not None:
+            self.bias.copy_(bias)
+        return self
 
     @classmethod
     def _where(cls, spec) -> str:

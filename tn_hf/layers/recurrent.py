@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .base import TNLayer, decompose
+from .base import TNLayer, tn_targets
 from .linear import TRLinear, TTLinear
 
 
@@ -147,20 +147,15 @@ class _TNRNN(TNLayer):
                               n_modes=n_modes, compress_hidden=compress_hidden)
         leaf, cores = cls._leaf(), {}
         for name, ls in spec["weights"].items():
-            w = getattr(module, name).detach()
-            cores[name] = decompose(leaf.tensorize(w, ls), cls.format, ranks=ranks, max_rank=max_rank,
-                                    rel_error=rel_error, compression_ratio=compression_ratio,
-                                    where=f"{cls._where(spec)}.{name}")
-            ls["ranks"] = [cores[name][0].shape[0]] + [c.shape[-1] for c in cores[name]]
+            spec["weights"][name], cores[name] = leaf.decompose_weight(
+                getattr(module, name), ls, ranks=ranks, max_rank=max_rank, rel_error=rel_error,
+                compression_ratio=compression_ratio, where=f"{cls._where(spec)}.{name}")
         ref = module.weight_ih_l0
         layer = cls._from_spec(spec).to(device=ref.device, dtype=ref.dtype)
+        for name, cs in cores.items():
+            child = getattr(layer, name[len("weight_"):])
+            child.load_cores(cs, getattr(module, "bias_" + name[len("weight_"):]) if child.bias is not None else None)
         with torch.no_grad():
-            for name, cs in cores.items():
-                child = getattr(layer, name[len("weight_"):])
-                for p, c in zip(child.cores, cs):
-                    p.copy_(c)
-                if child.bias is not None:
-                    child.bias.copy_(getattr(module, "bias_" + name[len("weight_"):]))
             for n, p in layer.named_parameters(recurse=False):
                 p.copy_(getattr(module, n))
         return layer
@@ -313,7 +308,6 @@ class _TNRNN(TNLayer):
 
 
 def tn_leaves(module):
-    from .base import tn_targets
     return list(tn_targets(module))
 
 

@@ -91,9 +91,10 @@ class _TuckerLeaf(TNLayer):
         return spec
 
     @classmethod
-    def decompose_weight(cls, weight, spec, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None):
+    def decompose_weight(cls, weight, spec, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
+                         where=None):
         """(spec with ranks, [G, U_1..U_d]) from ST-HOSVD of ``tensorize(weight, spec)``."""
-        where = cls._where(spec)
+        where = where or cls._where(spec)
         t = cls.tensorize(weight.detach(), spec)
         if compression_ratio is not None:
             if not compression_ratio > 0:
@@ -106,21 +107,6 @@ class _TuckerLeaf(TNLayer):
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
         return dict(spec, ranks=list(core.shape)), [core, *factors]
-
-    @classmethod
-    def from_dense(cls, module, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
-                   in_factors=None, out_factors=None, n_modes=None):
-        spec = cls.dense_spec(module, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
-        w = module.weight
-        spec, cores = cls.decompose_weight(w, spec, ranks=ranks, max_rank=max_rank, rel_error=rel_error,
-                                           compression_ratio=compression_ratio)
-        layer = cls.from_spec(spec).to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            for p, c in zip(layer.cores, cores):
-                p.copy_(c)
-            if getattr(module, "bias", None) is not None:
-                layer.bias.copy_(module.bias)
-        return layer
 
     @staticmethod
     def _marked(spec, layer):
@@ -347,29 +333,6 @@ class _TuckerRNN(_TNRNN):
     @classmethod
     def _leaf(cls):
         return TuckerLinear
-
-    @classmethod
-    def from_dense(cls, module, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
-                   in_factors=None, out_factors=None, n_modes=None, compress_hidden=False):
-        spec = cls.dense_spec(module, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes,
-                              compress_hidden=compress_hidden)
-        cores = {}
-        for name, ls in spec["weights"].items():
-            spec["weights"][name], cores[name] = TuckerLinear.decompose_weight(
-                getattr(module, name), ls, ranks=ranks, max_rank=max_rank, rel_error=rel_error,
-                compression_ratio=compression_ratio)
-        ref = module.weight_ih_l0
-        layer = cls._from_spec(spec).to(device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            for name, cs in cores.items():
-                child = getattr(layer, name[len("weight_"):])
-                for p, c in zip(child.cores, cs):
-                    p.copy_(c)
-                if child.bias is not None:
-                    child.bias.copy_(getattr(module, "bias_" + name[len("weight_"):]))
-            for n, p in layer.named_parameters(recurse=False):
-                p.copy_(getattr(module, n))
-        return layer
 
 
 class TuckerLSTM(_TuckerRNN):
