@@ -29,13 +29,6 @@ registry: dict[str, type] = {}
 
 
 
-def _prod(xs) -> int:
-    p = 1
-    for x in xs:
-        p *= int(x)
-    return p
-
-
 def chain(cores) -> torch.Tensor:
     """Contract a chain of cores (r0, n1, r1)...(r_{m-1}, n_m, r_m) into (r0, n1*...*n_m, r_m)."""
     r0 = cores[0].shape[0]
@@ -232,7 +225,7 @@ class TNLayer(nn.Module):
         modes = self._modes(spec)
         ranks = spec["ranks"]
         d = len(modes)
-        summed = _prod(ranks[1:d]) * (ranks[0] if self.format == "tr" else 1)
+        summed = math.prod(ranks[1:d]) * (ranks[0] if self.format == "tr" else 1)
         s = (target_var / summed) ** (1.0 / (2 * d))
         self.cores = nn.ParameterList(
             [nn.Parameter(torch.randn(ranks[k], modes[k], ranks[k + 1]) * s) for k in range(d)])
@@ -333,6 +326,16 @@ class TNLayer(nn.Module):
     def _where(cls, spec) -> str:
         return cls.__name__
 
+    @classmethod
+    def _norm_ranks(cls, spec: dict) -> dict:
+        """``spec`` with its ranks checked when a spec is built (Tucker); TT/TR check them in ``_spec_ranks``."""
+        return spec
+
+    @classmethod
+    def _spec_ranks(cls, spec: dict, ranks) -> list[int]:
+        """The full rank list a new layer of ``spec`` gets from the ``ranks`` argument."""
+        return normalize_ranks(ranks, cls._modes(spec), cls.format, cls._where(spec))
+
     # --------------------------------------------------------------- accounting
     def _filled(self, dense: nn.Module) -> nn.Module:
         """``dense`` (a fresh plain module of the right shape) with this layer's rebuilt weight and bias."""
@@ -374,9 +377,9 @@ def default_factors(n: int, d: int) -> tuple[int, ...]:
 
 def check_factors(factors, n: int, what: str, where: str) -> tuple[int, ...]:
     f = tuple(int(x) for x in factors)
-    if not f or min(f) < 1 or _prod(f) != n:
+    if not f or min(f) < 1 or math.prod(f) != n:
         raise ValueError(f"{where}: {what} {f} must be positive ints whose product is {n} (got product "
-                         f"{_prod(f) if f else 0}); e.g. {default_factors(n, max(1, len(f)))}")
+                         f"{math.prod(f) if f else 0}); e.g. {default_factors(n, max(1, len(f)))}")
     return f
 
 
