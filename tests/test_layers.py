@@ -257,3 +257,13 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(y, model(x))
     y.sum().backward()
     assert all(c.grad is not None for c in model[0].cores)
+
+
+def test_every_public_layer_documents_its_arguments():
+    import inspect
+    assert len(registry) == 18
+    for name, cls in registry.items():
+        doc = inspect.getdoc(cls)
+        assert doc.splitlines()[0] and "Args:" in doc, name
+        args = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        assert all(a in doc for a in args), (name, [a for a in args if a not in doc])

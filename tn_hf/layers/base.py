@@ -26,6 +26,7 @@ from .. import decompositions as D
 from ..config import FORMATS
 
 registry: dict[str, type] = {}
+FORMAT_NAMES = {"tt": "Tensor-Train", "tr": "Tensor-Ring", "tucker": "Tucker"}
 
 
 
@@ -152,6 +153,7 @@ class TNLayer(nn.Module):
     format: str = "tt"
     dense_type: type = nn.Module
     composite: bool = False
+    _args_doc: str = ""  # the constructor's "Args:" section, shared by a family of layers
 
     # ----------------------------------------------------------------- the contract
     @classmethod
@@ -210,9 +212,17 @@ class TNLayer(nn.Module):
                 "dense": int(self.dense_flops(shape))}
 
     def __init_subclass__(cls, **kw):
+        """Public subclasses join the registry; their docstring gets the family's ``Args:`` section
+        (``_args_doc``), after their own summary or a generated one."""
         super().__init_subclass__(**kw)
-        if not cls.__name__.startswith("_"):
-            registry[cls.__name__] = cls
+        if cls.__name__.startswith("_"):
+            return
+        registry[cls.__name__] = cls
+        if getattr(cls, "_args_doc", None):
+            summary = cls.__dict__.get("__doc__") or (
+                f"Drop-in ``nn.{cls.dense_type.__name__}`` whose weight{'s are' if cls.composite else ' is'} stored in "
+                f"{FORMAT_NAMES[cls.format]} form.")
+            cls.__doc__ = f"{summary.rstrip()}\n\n{cls._args_doc}"
 
     # ----------------------------------------------------------- leaf-layer machinery
     def _init_cores(self, spec: dict, target_var: float):

@@ -41,6 +41,22 @@ def _tuple(v, n, what, where):
 
 class _TNConv(TNLayer):
     dim: int = 2
+    _args_doc = """Args:
+    in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode: as
+        in ``nn.ConvNd`` (padding: ints, 'same' (stride 1) or 'valid'; padding_mode: zeros,
+        reflect, replicate or circular).
+    groups: must be 1.
+    ranks: an int (clipped to what the tensorized shape allows) or the full list: TT/TR d+1
+        values (TT: r[0] == r[d] == 1; TR: r[0] == r[d] is the ring rank), Tucker d values
+        (one per mode). Required. Modes: out_factors, prod(kernel_size), in_factors.
+    in_factors, out_factors: factorisations of in_channels / out_channels into modes (the
+        product must be the channel count). Default: ``n_modes`` balanced modes per side.
+    n_modes: number of modes per side when no factors are given (default 2).
+"""
+
+    def __init_subclass__(cls, **kw):
+        cls.dense_type = _DENSE[cls.dim]
+        super().__init_subclass__(**kw)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", *, ranks, in_factors=None, out_factors=None, n_modes=None):
@@ -276,24 +292,24 @@ class _TNConv(TNLayer):
 
 
 class TTConv1d(_TNConv):
-    format, dim, dense_type = "tt", 1, nn.Conv1d
+    format, dim = "tt", 1
 
 
 class TTConv2d(_TNConv):
-    format, dim, dense_type = "tt", 2, nn.Conv2d
+    format, dim = "tt", 2
 
 
 class TTConv3d(_TNConv):
-    format, dim, dense_type = "tt", 3, nn.Conv3d
+    format, dim = "tt", 3
 
 
 class TRConv1d(_TNConv):
-    format, dim, dense_type = "tr", 1, nn.Conv1d
+    format, dim = "tr", 1
 
 
 class TRConv2d(_TNConv):
-    format, dim, dense_type = "tr", 2, nn.Conv2d
+    format, dim = "tr", 2
 
 
 class TRConv3d(_TNConv):
-    format, dim, dense_type = "tr", 3, nn.Conv3d
+    format, dim = "tr", 3

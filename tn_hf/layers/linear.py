@@ -33,6 +33,17 @@ class _LinearLayer(TNLayer):
     with bias. Subclasses choose the factors (``_side_factors``) and the tensorization."""
 
     dense_type = nn.Linear
+    _args_doc = """Args:
+    in_features, out_features, bias: as in ``nn.Linear``.
+    ranks: an int (clipped to what the tensorized shape allows) or the full list: TT/TR d+1
+        values (TT: r[0] == r[d] == 1; TR: r[0] == r[d] is the ring rank), Tucker d values
+        (one per mode). Required.
+    in_factors, out_factors: factorisations of in_features / out_features into modes (the
+        product must be the size). Default: TT two-core (1, I), (O, 1); TR balanced; Tucker two
+        balanced modes per side.
+    n_modes: number of modes per side when no factors are given.
+    init_var: variance of the rebuilt weight at init (default nn.Linear's, 1 / (3 in_features)).
+"""
 
     def __init__(self, in_features, out_features, bias=True, *, ranks, in_factors=None, out_factors=None,
                  n_modes=None, init_var=None):
@@ -233,10 +244,10 @@ class _TNLinear(_LinearLayer):
 
 
 class TTLinear(_TNLinear):
-    """nn.Linear with a Tensor-Train matrix weight."""
+    """``nn.Linear`` with a Tensor-Train matrix weight (modes (o_k, i_k) paired per core)."""
     format = "tt"
 
 
 class TRLinear(_TNLinear):
-    """nn.Linear with a Tensor-Ring matrix weight."""
+    """``nn.Linear`` with a Tensor-Ring matrix weight (modes (o_k, i_k) paired per core)."""
     format = "tr"

@@ -25,6 +25,18 @@ from .linear import TRLinear, TTLinear
 
 class _TNRNN(TNLayer):
     composite = True
+    _args_doc = """Args:
+    input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional: as in
+        ``nn.LSTM`` / ``nn.GRU``.
+    ranks: ranks of every TN matrix, as for the Linear layers (an int, or a list that fits each
+        matrix's modes).
+    compress_hidden: also store the hidden-to-hidden matrices in TN form (default: dense).
+    in_factors: factorisation of input_size for the first layer's input-to-hidden matrices.
+    out_factors: factorisation of gates * hidden_size (the rows of every TN matrix).
+    n_modes: number of modes per side when no factors are given.
+    proj_size: must be 0.
+    weight_specs: {dense weight name: leaf spec}, the exact layout of each matrix (loading).
+"""
     gates: int = 4
     mode: str = "LSTM"
 

@@ -231,15 +231,15 @@ class _TuckerConv(_TuckerLeaf, _TNConv):
 
 
 class TuckerConv1d(_TuckerConv):
-    format, dim, dense_type = "tucker", 1, nn.Conv1d
+    dim = 1
 
 
 class TuckerConv2d(_TuckerConv):
-    format, dim, dense_type = "tucker", 2, nn.Conv2d
+    dim = 2
 
 
 class TuckerConv3d(_TuckerConv):
-    format, dim, dense_type = "tucker", 3, nn.Conv3d
+    dim = 3
 
 
 # ----------------------------------------------------------------------------- recurrent
