@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from tn_hf.layers import (TRConv1d, TRConv2d, TRConv3d, TRGRU, TRLinear, TRLSTM, TTConv1d, TTConv2d, TTConv3d,
-                          TTGRU, TTLinear, TTLSTM, layer_from_spec, registry, tn_class_for, tn_targets)
+                          TNLayer, TTGRU, TTLinear, TTLSTM, layer_from_spec, registry, tn_class_for, tn_targets)
 
 LINEAR = [TTLinear, TRLinear]
 CONV = [TTConv1d, TTConv2d, TTConv3d, TRConv1d, TRConv2d, TRConv3d]
@@ -38,8 +38,8 @@ def dense_of(cls, bias=True):
 
 def both_paths(m, x):
     if isinstance(m, (TTLinear, TRLinear)):
-        return torch.nn.functional.linear(x, m.weight, m.bias), m._contract(x) + m.bias
-    return m.to_dense()(x), m._factorized(x)
+        return torch.nn.functional.linear(x, m.weight, m.bias), m.contract(x)
+    return m.to_dense()(x), m.contract(x)
 
 
 @pytest.mark.parametrize("cls", LINEAR + CONV, ids=lambda c: c.__name__)
@@ -50,8 +50,8 @@ def test_paths_equal_and_forward(cls):
     torch.testing.assert_close(y_dense, y_tn, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(m(x), y_dense, rtol=1e-10, atol=1e-12)
     if cls in LINEAR:  # both sweep directions of the core contraction
-        torch.testing.assert_close(m._contract(x, reverse=True) + m.bias, y_dense, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(m._contract(x, reverse=False) + m.bias, y_dense, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(m.contract(x, reverse=True), y_dense, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(m.contract(x, reverse=False), y_dense, rtol=1e-10, atol=1e-12)
 
 
 def test_path_choice_follows_flops():
@@ -61,6 +61,30 @@ def test_path_choice_follows_flops():
     c = TTConv2d(256, 256, 3, padding=1, ranks=[1, 16, 64, 64, 16, 1])
     assert not c.use_dense_path((32, 256, 14, 14))
     assert c.flops((32, 256, 14, 14)) < c.dense_flops((32, 256, 14, 14)) / 3
+    one, many = m.cost((1, 768)), m.cost((100000, 768))
+    assert one["path"] == "contract" and one["contract"] < one["rebuild"] and m.flops((1, 768)) == one["contract"]
+    assert many["path"] == "rebuild" and many["rebuild"] < 2.0 * many["contract"]
+    assert many["dense"] == m.dense_flops((100000, 768)) == 2 * 100000 * 768 * 3072
+    cc = c.cost((32, 256, 14, 14))
+    assert cc["path"] == "contract" and cc["contract"] == c.flops((32, 256, 14, 14)) < cc["rebuild"]
+
+
+def test_cost_of_composite_sums_leaves_and_contract_is_enforced():
+    torch.manual_seed(0)
+    m = TTLSTM.from_dense(nn.LSTM(6, 4, num_layers=2, bidirectional=True), ranks=2)
+    cost = m.cost((5, 3, 6))
+    assert set(cost["path"]) == {n for n, _ in tn_targets(m)}
+    hh = 2 * 15 * 16 * 4 * 2 * 2  # dense hidden-to-hidden matmuls, 2 layers x 2 directions
+    assert cost["contract"] == hh + sum(leaf.cost((15, leaf.in_features))["contract"] for _, leaf in tn_targets(m))
+    assert cost["dense"] == m.dense_flops((5, 3, 6))
+
+    class Half(TNLayer):
+        pass
+    with pytest.raises(NotImplementedError, match="Half must implement tensorize"):
+        Half.tensorize(torch.zeros(2, 2), {})
+    with pytest.raises(NotImplementedError, match="Half must implement _path_flops"):
+        Half().cost((1, 2))
+    registry.pop("Half")
 
 
 @pytest.mark.parametrize("cls", LINEAR + CONV, ids=lambda c: c.__name__)
@@ -233,3 +257,13 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(y, model(x))
     y.sum().backward()
     assert all(c.grad is not None for c in model[0].cores)
+
+
+def test_every_public_layer_documents_its_arguments():
+    import inspect
+    assert len(registry) == 18
+    for name, cls in registry.items():
+        doc = inspect.getdoc(cls)
+        assert doc.splitlines()[0] and "Args:" in doc, name
+        args = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        assert all(a in doc for a in args), (name, [a for a in args if a not in doc])

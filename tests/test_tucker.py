@@ -124,7 +124,7 @@ def test_linear_both_paths_equal_float64(ranks):
     layer = TuckerLinear.from_dense(lin, ranks=ranks, in_factors=[6, 6], out_factors=[4, 5])
     x = torch.randn(3, 5, 36, dtype=torch.float64)
     dense = F.linear(x, layer.weight, layer.bias)
-    _close(layer._contract(x.reshape(-1, 36)).reshape(3, 5, 20) + layer.bias, dense)
+    _close(layer.contract(x), dense)
     _close(layer(x), dense)
     full = TuckerLinear.from_dense(lin, ranks=[4, 5, 6, 6], in_factors=[6, 6], out_factors=[4, 5])
     _close(full(x), lin(x))  # full ranks: exact
@@ -144,7 +144,7 @@ def test_conv_both_paths_equal_float64(dim, kw):
     dense_fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dim]
     y_dense = dense_fn(layer._pad_input(x), layer.weight, layer.bias, layer.stride, layer._conv_padding,
                        layer.dilation)
-    _close(layer._factorized(x), y_dense)
+    _close(layer.contract(x), y_dense)
     _close(layer(x), y_dense)
     full = cls.from_dense(conv, ranks=100)
     _close(full(x), conv(x), 1e-9)  # full multilinear ranks reproduce the dense conv
@@ -153,10 +153,11 @@ def test_conv_both_paths_equal_float64(dim, kw):
 def test_forward_path_choice_follows_flops():
     layer = TuckerLinear(1024, 1024, ranks=4)
     assert not layer.use_dense_path(64)  # tiny core: factorized
-    fact, dense = layer._costs(64)
-    assert fact < dense and layer.flops((64, 1024)) == fact
+    cost = layer.cost((64, 1024))
+    assert cost["path"] == "contract" and cost["contract"] < cost["rebuild"]
+    assert layer.flops((64, 1024)) == cost["contract"] and cost["dense"] == 2 * 64 * 1024 * 1024
     big = TuckerLinear(64, 64, ranks=[8, 8, 8, 8])  # full ranks: rebuilding is cheaper for a big batch
-    assert big.use_dense_path(4096)
+    assert big.use_dense_path(4096) and big.cost((4096, 64))["path"] == "rebuild"
 
 
 def test_gradients_match_dense_weight_path():
@@ -166,13 +167,13 @@ def test_gradients_match_dense_weight_path():
     grads = []
     for path in ("factorized", "dense"):
         layer.zero_grad()
-        y = layer._factorized(x) if path == "factorized" else F.conv2d(x, layer.weight, layer.bias, 1, 1)
+        y = layer.contract(x) if path == "factorized" else F.conv2d(x, layer.weight, layer.bias, 1, 1)
         (y ** 2).sum().backward()
         grads.append([p.grad.clone() for p in layer.parameters()])
     for a, b in zip(*grads):
         _close(a, b, 1e-9)
     lin = TuckerLinear(12, 10, ranks=2, in_factors=[3, 4], out_factors=[2, 5]).double()
-    assert torch.autograd.gradcheck(lambda x: lin._contract(x), torch.randn(2, 12, dtype=torch.float64,
+    assert torch.autograd.gradcheck(lambda x: lin.contract(x), torch.randn(2, 12, dtype=torch.float64,
                                                                            requires_grad=True))
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .tt import check_rank_args, check_tensor, truncated_factor, tt_sweep, tt_ranks, _prod
+from .tt import check_rank_args, check_tensor, truncated_factor, tt_sweep, tt_ranks
 
 __all__ = ["tr_svd", "tr_to_full", "tr_project", "tr_ranks"]
 
@@ -31,7 +31,7 @@ def tr_ranks(shape: Sequence[int], ranks) -> list[int]:
         raise ValueError(f"TR ranks: shape {tuple(shape)} has < 2 modes")
     if isinstance(ranks, bool) or not isinstance(ranks, (int, list, tuple)):
         raise ValueError(f"TR ranks for shape {tuple(shape)}: expected an int or a list of {d + 1} ints, got {ranks!r}")
-    first_cap = min(shape[0], _prod(shape[1:]))
+    first_cap = min(shape[0], math.prod(shape[1:]))
     if isinstance(ranks, int):
         if ranks < 1:
             raise ValueError(f"TR ranks for shape {tuple(shape)}: rank must be >= 1, got {ranks}")
@@ -53,7 +53,7 @@ def tr_ranks(shape: Sequence[int], ranks) -> list[int]:
                          f"unfolding's rank {first_cap}; valid ranks e.g. {tr_ranks(shape, max(r))}")
     for k in range(2, d):
         cap = min(r[k - 1] * shape[k - 1], shape[k] * r[k + 1] if k + 1 < d else shape[k] * r[0],
-                  _prod(shape[k:]) * r[0], r[1] * _prod(shape[1:k]))
+                  math.prod(shape[k:]) * r[0], r[1] * math.prod(shape[1:k]))
         if r[k] > cap:
             raise ValueError(f"TR ranks for shape {tuple(shape)}: r[{k}]={r[k]} exceeds the largest possible "
                              f"rank {cap} there; valid ranks e.g. {tr_ranks(shape, max(r))}")

@@ -45,10 +45,6 @@ def check_rank_args(where: str, ranks, max_rank, rel_error):
         raise ValueError(f"{where}: rel_error must be a float in [0, 1), got {rel_error!r}")
 
 
-def _prod(xs) -> int:
-    return int(math.prod(int(v) for v in xs))
-
-
 def tt_ranks(shape: Sequence[int], ranks) -> list[int]:
     """Normalise ``ranks`` (int or list of length d+1) to a valid TT rank list for ``shape``.
 
@@ -80,7 +76,7 @@ def tt_ranks(shape: Sequence[int], ranks) -> list[int]:
     if min(r) < 1:
         raise ValueError(f"TT ranks for shape {tuple(shape)}: ranks must be >= 1, got {r}")
     for k in range(1, d):
-        cap = min(r[k - 1] * shape[k - 1], shape[k] * r[k + 1], _prod(shape[:k]), _prod(shape[k:]))
+        cap = min(r[k - 1] * shape[k - 1], shape[k] * r[k + 1], math.prod(shape[:k]), math.prod(shape[k:]))
         if r[k] > cap:
             raise ValueError(f"TT ranks for shape {tuple(shape)}: r[{k}]={r[k]} exceeds the largest "
                              f"possible rank {cap} there; valid ranks: {tt_ranks(shape, max(r))}")
@@ -148,7 +144,7 @@ def _randomized_factor(A: Tensor, rank: int, oversample: int = 10, power_iters: 
 
 def unfolding_spectrum(x: Tensor, k: int) -> Tensor:
     """Squared singular values (descending, float64) of the unfolding modes[:k] x modes[k:]."""
-    A = x.reshape(_prod(x.shape[:k]), -1)
+    A = x.reshape(math.prod(x.shape[:k]), -1)
     if A.shape[0] > A.shape[1]:
         A = A.T
     A64 = A.to(torch.float64)

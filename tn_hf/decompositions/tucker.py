@@ -31,15 +31,11 @@ __all__ = ["tucker_svd", "tucker_to_full", "tucker_project", "tucker_ranks", "tu
            "tucker_ranks_for_ratio", "tucker_allocate", "mode_spectra"]
 
 
-def _prod(xs) -> int:
-    return int(math.prod(int(v) for v in xs))
-
-
 def tucker_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
     """Numbers stored by a Tucker tensor: ``prod(r) + sum(n_k * r_k)``."""
     if len(ranks) != len(shape):
         raise ValueError(f"tucker_params: shape {tuple(shape)} needs {len(shape)} ranks, got {list(ranks)}")
-    return _prod(ranks) + sum(int(n) * int(r) for n, r in zip(shape, ranks))
+    return int(math.prod(ranks)) + sum(int(n) * int(r) for n, r in zip(shape, ranks))
 
 
 def _clip(shape, r) -> list[int]:
@@ -48,7 +44,7 @@ def _clip(shape, r) -> list[int]:
     while changed:  # r_k <= prod of the other ranks (else the mode-k unfolding of G can't have rank r_k)
         changed = False
         for k in range(len(r)):
-            cap = _prod(r[:k] + r[k + 1:]) if len(r) > 1 else r[k]
+            cap = math.prod(r[:k] + r[k + 1:]) if len(r) > 1 else r[k]
             if r[k] > cap:
                 r[k], changed = cap, True
     return r
@@ -153,7 +149,7 @@ def tucker_ranks_for_ratio(shape: Sequence[int], ratio: float, tensor: Tensor | 
         if tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"tucker_ranks_for_ratio: tensor shape {tuple(tensor.shape)} != {tuple(shape)}")
         return tucker_allocate({"x": tensor}, ratio)["x"]
-    d, budget = len(shape), _prod(shape) / ratio
+    d, budget = len(shape), math.prod(shape) / ratio
     lo, hi = 1, max(shape)
     while lo < hi:  # params grow with the common rank
         mid = (lo + hi + 1) // 2
@@ -187,7 +183,7 @@ def tucker_allocate(tensors: dict, ratio: float) -> dict[str, list[int]]:
     for n in names:
         cum = [torch.cumsum(sp, 0) for sp in mode_spectra(tensors[n])]
         frac[n] = [(c / c[-1].clamp_min(1e-300)).tolist() for c in cum]
-    budget = sum(_prod(shapes[n]) for n in names) / ratio
+    budget = sum(math.prod(shapes[n]) for n in names) / ratio
     r = {n: [1] * len(shapes[n]) for n in names}
     used = sum(tucker_params(shapes[n], r[n]) for n in names)
 

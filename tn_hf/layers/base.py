@@ -26,14 +26,8 @@ from .. import decompositions as D
 from ..config import FORMATS
 
 registry: dict[str, type] = {}
+FORMAT_NAMES = {"tt": "Tensor-Train", "tr": "Tensor-Ring", "tucker": "Tucker"}
 
-
-
-def _prod(xs) -> int:
-    p = 1
-    for x in xs:
-        p *= int(x)
-    return p
 
 
 def chain(cores) -> torch.Tensor:
@@ -126,17 +120,109 @@ def decompose(tensor: torch.Tensor, fmt: str, *, ranks=None, max_rank=None, rel_
     return cores
 
 
+def _missing(cls, name: str) -> NotImplementedError:
+    return NotImplementedError(f"{cls.__name__} must implement {name} (part of the TNLayer contract)")
+
+
 class TNLayer(nn.Module):
-    """Base class; see module docstring. Subclasses set ``format`` and ``dense_type``."""
+    """Base of every TN layer; see the module docstring for the formats.
+
+    Class attributes a subclass sets: ``format`` ("tt", "tr", "tucker"), ``dense_type`` (the
+    dense module it replaces), ``composite`` (True when it holds TN leaves instead of cores).
+
+    The contract, what every concrete subclass implements (the defaults here raise
+    ``NotImplementedError`` naming the class and the method):
+
+    - ``dense_spec(module, **kw)`` (classmethod): spec dict of a dense module, ranks unset.
+    - ``_modes(spec)`` (static/classmethod, leaves): modes of the tensorized weight.
+    - ``tensorize(weight, spec)`` / ``detensorize(tensor, spec)`` (classmethods): dense weight
+      <-> tensor of shape ``_modes(spec)``; exact inverses.
+    - ``_from_spec(spec)`` (classmethod): an empty layer with the parameter shapes of ``spec``.
+    - ``forward(x)``: same signature and result as the dense module's.
+    - ``contract(x)`` (leaves): forward without rebuilding the dense weight (bias included).
+    - ``to_dense()``: the equivalent dense module (rebuilt weight).
+    - ``dense_params()``: parameter count of the dense module.
+    - ``flops(input_shape)`` / ``dense_flops(input_shape)``: forward FLOPs of this layer / of
+      the dense module for an input of that shape.
+    - ``_path_flops(input_shape)``: ``(contract FLOPs, rebuild FLOPs, rebuild chosen)``, used by
+      the public ``cost``.
+
+    Shared here: ``from_dense``, ``from_spec``, ``spec``, ``weight``, ``cached``, ``cost``.
+    """
 
     format: str = "tt"
     dense_type: type = nn.Module
     composite: bool = False
+    _args_doc: str = ""  # the constructor's "Args:" section, shared by a family of layers
+
+    # ----------------------------------------------------------------- the contract
+    @classmethod
+    def dense_spec(cls, module, **kw) -> dict:
+        raise _missing(cls, "dense_spec")
+
+    @classmethod
+    def _modes(cls, spec) -> list[int]:
+        raise _missing(cls, "_modes")
+
+    @classmethod
+    def tensorize(cls, weight, spec) -> torch.Tensor:
+        raise _missing(cls, "tensorize")
+
+    @classmethod
+    def detensorize(cls, tensor, spec) -> torch.Tensor:
+        raise _missing(cls, "detensorize")
+
+    @classmethod
+    def _from_spec(cls, spec):
+        raise _missing(cls, "_from_spec")
+
+    def forward(self, *args, **kw):
+        raise _missing(type(self), "forward")
+
+    def contract(self, x) -> torch.Tensor:
+        raise _missing(type(self), "contract")
+
+    def to_dense(self) -> nn.Module:
+        raise _missing(type(self), "to_dense")
+
+    def dense_params(self) -> int:
+        raise _missing(type(self), "dense_params")
+
+    def flops(self, input_shape) -> int:
+        raise _missing(type(self), "flops")
+
+    def dense_flops(self, input_shape) -> int:
+        raise _missing(type(self), "dense_flops")
+
+    def _path_flops(self, input_shape) -> tuple[int, int, bool]:
+        raise _missing(type(self), "_path_flops")
+
+    def cost(self, input_shape) -> dict:
+        """FLOPs of each forward path for an input of ``input_shape``.
+
+        Returns ``{"contract": FLOPs without rebuilding the weight, "rebuild": FLOPs of rebuilding
+        the dense weight and running the dense op, "path": "contract" or "rebuild" (the one
+        ``forward`` takes now: in eval / no_grad a cached rebuilt weight makes "rebuild" cheaper),
+        "dense": FLOPs of the dense module}``. Composite layers sum their leaves and report
+        ``"path"`` per leaf."""
+        shape = tuple(int(s) for s in input_shape)
+        contract, rebuild, use_rebuild = self._path_flops(shape)
+        return {"contract": int(contract), "rebuild": int(rebuild),
+                "path": use_rebuild if isinstance(use_rebuild, dict) else ("rebuild" if use_rebuild else "contract"),
+                "dense": int(self.dense_flops(shape))}
 
     def __init_subclass__(cls, **kw):
+        """Public subclasses join the registry; their docstring gets the family's ``Args:`` section
+        (``_args_doc``), after their own summary or a generated one."""
         super().__init_subclass__(**kw)
-        if not cls.__name__.startswith("_"):
-            registry[cls.__name__] = cls
+        if cls.__name__.startswith("_"):
+            return
+        registry[cls.__name__] = cls
+        if getattr(cls, "_args_doc", None):
+            summary = cls.__dict__.get("__doc__") or (
+                f"Drop-in ``nn.{cls.dense_type.__name__}`` whose weight{'s are' if cls.composite else ' is'} stored in "
+                f"{FORMAT_NAMES[cls.format]} form.")
+            cls.__doc__ = f"{summary.rstrip()}\n\n{cls._args_doc}"
 
     # ----------------------------------------------------------- leaf-layer machinery
     def _init_cores(self, spec: dict, target_var: float):
@@ -149,7 +235,7 @@ class TNLayer(nn.Module):
         modes = self._modes(spec)
         ranks = spec["ranks"]
         d = len(modes)
-        summed = _prod(ranks[1:d]) * (ranks[0] if self.format == "tr" else 1)
+        summed = math.prod(ranks[1:d]) * (ranks[0] if self.format == "tr" else 1)
         s = (target_var / summed) ** (1.0 / (2 * d))
         self.cores = nn.ParameterList(
             [nn.Parameter(torch.randn(ranks[k], modes[k], ranks[k + 1]) * s) for k in range(d)])
@@ -220,24 +306,45 @@ class TNLayer(nn.Module):
         return cls._from_spec(spec)
 
     @classmethod
+    def decompose_weight(cls, weight, spec, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
+                         where=None):
+        """(spec with ranks, cores) from TT-SVD / TR-SVD of ``tensorize(weight, spec)``."""
+        cores = decompose(cls.tensorize(weight.detach(), spec), cls.format, ranks=ranks, max_rank=max_rank,
+                          rel_error=rel_error, compression_ratio=compression_ratio, where=where or cls._where(spec))
+        return dict(spec, ranks=[cores[0].shape[0]] + [c.shape[-1] for c in cores]), cores
+
+    @classmethod
     def from_dense(cls, module, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
                    in_factors=None, out_factors=None, n_modes=None):
         spec = cls.dense_spec(module, ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
-        w = module.weight.detach()
-        cores = decompose(cls.tensorize(w, spec), cls.format, ranks=ranks, max_rank=max_rank,
-                          rel_error=rel_error, compression_ratio=compression_ratio, where=cls._where(spec))
-        spec["ranks"] = [cores[0].shape[0]] + [c.shape[-1] for c in cores]
+        w = module.weight
+        spec, cores = cls.decompose_weight(w, spec, ranks=ranks, max_rank=max_rank, rel_error=rel_error,
+                                           compression_ratio=compression_ratio)
         layer = cls.from_spec(spec).to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            for p, c in zip(layer.cores, cores):
-                p.copy_(c)
-            if getattr(module, "bias", None) is not None:
-                layer.bias.copy_(module.bias)
-        return layer
+        return layer.load_cores(cores, getattr(module, "bias", None))
+
+    @torch.no_grad()
+    def load_cores(self, cores, bias=None):
+        """Copy ``cores`` (and ``bias`` when given) into this leaf's parameters; returns the layer."""
+        for p, c in zip(self.cores, cores):
+            p.copy_(c)
+        if bias is not None:
+            self.bias.copy_(bias)
+        return self
 
     @classmethod
     def _where(cls, spec) -> str:
         return cls.__name__
+
+    @classmethod
+    def _norm_ranks(cls, spec: dict) -> dict:
+        """``spec`` with its ranks checked when a spec is built (Tucker); TT/TR check them in ``_spec_ranks``."""
+        return spec
+
+    @classmethod
+    def _spec_ranks(cls, spec: dict, ranks) -> list[int]:
+        """The full rank list a new layer of ``spec`` gets from the ``ranks`` argument."""
+        return normalize_ranks(ranks, cls._modes(spec), cls.format, cls._where(spec))
 
     # --------------------------------------------------------------- accounting
     def _filled(self, dense: nn.Module) -> nn.Module:
@@ -280,9 +387,9 @@ def default_factors(n: int, d: int) -> tuple[int, ...]:
 
 def check_factors(factors, n: int, what: str, where: str) -> tuple[int, ...]:
     f = tuple(int(x) for x in factors)
-    if not f or min(f) < 1 or _prod(f) != n:
+    if not f or min(f) < 1 or math.prod(f) != n:
         raise ValueError(f"{where}: {what} {f} must be positive ints whose product is {n} (got product "
-                         f"{_prod(f) if f else 0}); e.g. {default_factors(n, max(1, len(f)))}")
+                         f"{math.prod(f) if f else 0}); e.g. {default_factors(n, max(1, len(f)))}")
     return f
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TNLayer, _prod, canonical, chain, chain_flops, check_factors, default_factors, normalize_ranks
+from .base import TNLayer, canonical, chain, chain_flops, check_factors, default_factors
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -41,6 +41,22 @@ def _tuple(v, n, what, where):
 
 class _TNConv(TNLayer):
     dim: int = 2
+    _args_doc = """Args:
+    in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode: as
+        in ``nn.ConvNd`` (padding: ints, 'same' (stride 1) or 'valid'; padding_mode: zeros,
+        reflect, replicate or circular).
+    groups: must be 1.
+    ranks: an int (clipped to what the tensorized shape allows) or the full list: TT/TR d+1
+        values (TT: r[0] == r[d] == 1; TR: r[0] == r[d] is the ring rank), Tucker d values
+        (one per mode). Required. Modes: out_factors, prod(kernel_size), in_factors.
+    in_factors, out_factors: factorisations of in_channels / out_channels into modes (the
+        product must be the channel count). Default: ``n_modes`` balanced modes per side.
+    n_modes: number of modes per side when no factors are given (default 2).
+"""
+
+    def __init_subclass__(cls, **kw):
+        cls.dense_type = _DENSE[cls.dim]
+        super().__init_subclass__(**kw)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", *, ranks, in_factors=None, out_factors=None, n_modes=None):
@@ -48,14 +64,14 @@ class _TNConv(TNLayer):
         spec = type(self).dense_spec_from_args(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
             ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
-        spec["ranks"] = normalize_ranks(ranks, self._modes(spec), self.format, self._where(spec))
+        spec["ranks"] = self._spec_ranks(spec, ranks)
         self._spec = spec
         self.in_channels, self.out_channels = spec["in_channels"], spec["out_channels"]
         self.kernel_size, self.stride = tuple(spec["kernel_size"]), tuple(spec["stride"])
         self.padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
         self.dilation, self.groups, self.padding_mode = tuple(spec["dilation"]), 1, spec["padding_mode"]
         self.in_factors, self.out_factors = tuple(spec["in_factors"]), tuple(spec["out_factors"])
-        fan_in = self.in_channels * _prod(self.kernel_size)
+        fan_in = self.in_channels * math.prod(self.kernel_size)
         self._init_cores(spec, 1.0 / (3 * fan_in))  # = nn.ConvNd default (kaiming_uniform a=sqrt(5))
         if bias:
             bound = 1.0 / math.sqrt(fan_in)
@@ -92,10 +108,11 @@ class _TNConv(TNLayer):
             else default_factors(in_channels, d_in)
         fo = check_factors(out_factors, out_channels, "out_factors", where) if out_factors is not None \
             else default_factors(out_channels, d_out)
-        return {"class": cls.__name__, "format": cls.format, "in_channels": int(in_channels),
-                "out_channels": int(out_channels), "kernel_size": list(ks), "stride": list(st), "padding": pad,
-                "dilation": list(_tuple(dilation, n, "dilation", where)), "groups": 1, "bias": bool(bias),
-                "padding_mode": padding_mode, "in_factors": list(fi), "out_factors": list(fo), "ranks": ranks}
+        return cls._norm_ranks({
+            "class": cls.__name__, "format": cls.format, "in_channels": int(in_channels),
+            "out_channels": int(out_channels), "kernel_size": list(ks), "stride": list(st), "padding": pad,
+            "dilation": list(_tuple(dilation, n, "dilation", where)), "groups": 1, "bias": bool(bias),
+            "padding_mode": padding_mode, "in_factors": list(fi), "out_factors": list(fo), "ranks": ranks})
 
     @classmethod
     def dense_spec(cls, module, *, ranks=None, in_factors=None, out_factors=None, n_modes=None):
@@ -113,18 +130,18 @@ class _TNConv(TNLayer):
 
     @staticmethod
     def _modes(spec):
-        return [*spec["out_factors"], _prod(spec["kernel_size"]), *spec["in_factors"]]
+        return [*spec["out_factors"], math.prod(spec["kernel_size"]), *spec["in_factors"]]
 
     @classmethod
     def tensorize(cls, weight, spec):
-        o, i, k = spec["out_channels"], spec["in_channels"], _prod(spec["kernel_size"])
+        o, i, k = spec["out_channels"], spec["in_channels"], math.prod(spec["kernel_size"])
         if weight.numel() != o * i * k or weight.shape[0] != o or weight.shape[1] != i:
             raise ValueError(f"{cls._where(spec)}: weight shape {tuple(weight.shape)} does not match")
         return weight.reshape(o, i, k).transpose(1, 2).reshape(cls._modes(spec))
 
     @classmethod
     def detensorize(cls, tensor, spec):
-        o, i, k = spec["out_channels"], spec["in_channels"], _prod(spec["kernel_size"])
+        o, i, k = spec["out_channels"], spec["in_channels"], math.prod(spec["kernel_size"])
         return tensor.reshape(o, k, i).transpose(1, 2).reshape(o, i, *spec["kernel_size"])
 
     @classmethod
@@ -166,8 +183,8 @@ class _TNConv(TNLayer):
 
     def _stage_flops(self, input_shape):
         """FLOPs of (merge cores, stage 1, small conv, stage 3) and of the dense path (rebuild, conv)."""
-        b, spatial = _prod(input_shape[:-self.dim - 1]), input_shape[-self.dim:]
-        hw_in, hw_out = _prod(spatial), _prod(self._out_spatial(spatial))
+        b, spatial = math.prod(input_shape[:-self.dim - 1]), input_shape[-self.dim:]
+        hw_in, hw_out = math.prod(spatial), math.prod(self._out_spatial(spatial))
         r, modes, p = self.ranks, self._modes(self._spec), len(self.out_factors)
         a, ra, rb, k = r[0], r[p], r[p + 1], modes[p]
         merge = chain_flops(modes[:p], r[:p + 1]) + chain_flops(modes[p + 1:], r[p + 1:])
@@ -210,7 +227,7 @@ class _TNConv(TNLayer):
             kw = kw.repeat(a, *([1] * (self.dim + 1)))
         v = chain(outs)                                   # (A, O, r_a)
         w_out = v.permute(1, 0, 2).reshape(self.out_channels, a * ra)
-        if _prod(self.kernel_size) == 1:  # 1x1 kernel: a (r_a, r_b) matrix per ring index, merged into w_in
+        if math.prod(self.kernel_size) == 1:  # 1x1 kernel: a (r_a, r_b) matrix per ring index, merged into w_in
             kmat = kcore.reshape(ra, rb)
             w_in = torch.block_diag(*([kmat] * a)) @ w_in if a > 1 else kmat @ w_in   # (A*r_a, I)
             return canonical(w_in), None, canonical(w_out)
@@ -251,8 +268,16 @@ class _TNConv(TNLayer):
         return self._filled(m)
 
     def dense_params(self) -> int:
-        return self.out_channels * self.in_channels * _prod(self.kernel_size) + \
+        return self.out_channels * self.in_channels * math.prod(self.kernel_size) + \
             (self.out_channels if self.bias is not None else 0)
+
+    def contract(self, x):
+        """Forward by the factorized path (1x1 conv, small conv, 1x1 conv; no dense weight)."""
+        return self._factorized(x)
+
+    def _path_flops(self, input_shape):
+        tn, dense = self._stage_flops(tuple(input_shape))
+        return sum(tn.values()), sum(dense.values()), self.use_dense_path(tuple(input_shape))
 
     def flops(self, input_shape) -> int:
         tn, dense = self._stage_flops(tuple(input_shape))
@@ -267,24 +292,24 @@ class _TNConv(TNLayer):
 
 
 class TTConv1d(_TNConv):
-    format, dim, dense_type = "tt", 1, nn.Conv1d
+    format, dim = "tt", 1
 
 
 class TTConv2d(_TNConv):
-    format, dim, dense_type = "tt", 2, nn.Conv2d
+    format, dim = "tt", 2
 
 
 class TTConv3d(_TNConv):
-    format, dim, dense_type = "tt", 3, nn.Conv3d
+    format, dim = "tt", 3
 
 
 class TRConv1d(_TNConv):
-    format, dim, dense_type = "tr", 1, nn.Conv1d
+    format, dim = "tr", 1
 
 
 class TRConv2d(_TNConv):
-    format, dim, dense_type = "tr", 2, nn.Conv2d
+    format, dim = "tr", 2
 
 
 class TRConv3d(_TNConv):
-    format, dim, dense_type = "tr", 3, nn.Conv3d
+    format, dim = "tr", 3

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TNLayer, _prod, chain_flops, normalize_ranks, pair_factors
+from .base import TNLayer, chain_flops, pair_factors
 
 
 # The core sweep runs as several small einsums with reshapes/permutes between them; measured on
@@ -28,15 +28,29 @@ from .base import TNLayer, _prod, chain_flops, normalize_ranks, pair_factors
 SWEEP_OVERHEAD = 2.0
 
 
-class _TNLinear(TNLayer):
+class _LinearLayer(TNLayer):
+    """What every TN nn.Linear shares: constructor, spec, dense module, accounting, the forward
+    with bias. Subclasses choose the factors (``_side_factors``) and the tensorization."""
+
     dense_type = nn.Linear
+    _args_doc = """Args:
+    in_features, out_features, bias: as in ``nn.Linear``.
+    ranks: an int (clipped to what the tensorized shape allows) or the full list: TT/TR d+1
+        values (TT: r[0] == r[d] == 1; TR: r[0] == r[d] is the ring rank), Tucker d values
+        (one per mode). Required.
+    in_factors, out_factors: factorisations of in_features / out_features into modes (the
+        product must be the size). Default: TT two-core (1, I), (O, 1); TR balanced; Tucker two
+        balanced modes per side.
+    n_modes: number of modes per side when no factors are given.
+    init_var: variance of the rebuilt weight at init (default nn.Linear's, 1 / (3 in_features)).
+"""
 
     def __init__(self, in_features, out_features, bias=True, *, ranks, in_factors=None, out_factors=None,
                  n_modes=None, init_var=None):
         super().__init__()
         spec = type(self).dense_spec_from_sizes(in_features, out_features, bias, ranks=ranks,
                                                 in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
-        spec["ranks"] = normalize_ranks(ranks, self._modes(spec), self.format, self._where(spec))
+        spec["ranks"] = self._spec_ranks(spec, ranks)
         self._spec = spec
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.in_factors, self.out_factors = tuple(spec["in_factors"]), tuple(spec["out_factors"])
@@ -53,15 +67,11 @@ class _TNLinear(TNLayer):
     def dense_spec_from_sizes(cls, in_features, out_features, bias=True, *, ranks=None, in_factors=None,
                               out_factors=None, n_modes=None):
         where = f"{cls.__name__}({in_features}->{out_features})"
-        if cls.format == "tt" and in_factors is None and out_factors is None and n_modes is None:
-            in_factors, out_factors = (1, int(in_features)), (int(out_features), 1)
-        fi, fo = pair_factors(int(in_features), int(out_features), in_factors, out_factors, n_modes, where)
-        if len(fi) != len(fo):
-            raise ValueError(f"{where}: in_factors {fi} and out_factors {fo} must have the same length "
-                             f"(modes are paired (out_k, in_k))")
-        return {"class": cls.__name__, "format": cls.format, "in_features": int(in_features),
+        fi, fo = cls._side_factors(int(in_features), int(out_features), in_factors, out_factors, n_modes, where)
+        spec = {"class": cls.__name__, "format": cls.format, "in_features": int(in_features),
                 "out_features": int(out_features), "bias": bool(bias), "in_factors": list(fi),
                 "out_factors": list(fo), "ranks": ranks}
+        return cls._norm_ranks(spec)
 
     @classmethod
     def dense_spec(cls, module, *, ranks=None, in_factors=None, out_factors=None, n_modes=None):
@@ -75,6 +85,52 @@ class _TNLinear(TNLayer):
     def _where(cls, spec):
         return f"{cls.__name__}({spec['in_features']}->{spec['out_features']})"
 
+    @classmethod
+    def _from_spec(cls, spec):
+        return cls(spec["in_features"], spec["out_features"], spec.get("bias", True), ranks=spec["ranks"],
+                   in_factors=spec["in_factors"], out_factors=spec["out_factors"])
+
+    # --------------------------------------------------------------------- forward
+    def contract(self, x, **kw):
+        """Forward without the dense weight (bias included); see the subclass's ``_contract``."""
+        y = self._contract(x.reshape(-1, self.in_features), **kw)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _check_input(self, x):
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{self._where(self._spec)}: input last dim {x.shape[-1]} != in_features "
+                             f"{self.in_features}")
+
+    # -------------------------------------------------------------------- helpers
+    def to_dense(self) -> nn.Linear:
+        w = self.weight.detach()
+        return self._filled(nn.Linear(self.in_features, self.out_features, self.bias is not None,
+                                      device=w.device, dtype=w.dtype))
+
+    def dense_params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
+    def dense_flops(self, input_shape) -> int:
+        return 2 * math.prod(input_shape[:-1]) * self.in_features * self.out_features
+
+    def _shape_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"in_factors={self.in_factors}, out_factors={self.out_factors}")
+
+
+class _TNLinear(_LinearLayer):
+    @classmethod
+    def _side_factors(cls, in_features, out_features, in_factors, out_factors, n_modes, where):
+        if cls.format == "tt" and in_factors is None and out_factors is None and n_modes is None:
+            in_factors, out_factors = (1, in_features), (out_features, 1)
+        fi, fo = pair_factors(in_features, out_features, in_factors, out_factors, n_modes, where)
+        if len(fi) != len(fo):
+            raise ValueError(f"{where}: in_factors {fi} and out_factors {fo} must have the same length "
+                             f"(modes are paired (out_k, in_k))")
+        return fi, fo
+
     @staticmethod
     def _modes(spec):
         return [o * i for o, i in zip(spec["out_factors"], spec["in_factors"])]
@@ -83,8 +139,8 @@ class _TNLinear(TNLayer):
     def tensorize(cls, weight, spec):
         fo, fi = spec["out_factors"], spec["in_factors"]
         d = len(fo)
-        if tuple(weight.shape) != (_prod(fo), _prod(fi)):
-            raise ValueError(f"{cls._where(spec)}: weight shape {tuple(weight.shape)} != {(_prod(fo), _prod(fi))}")
+        if tuple(weight.shape) != (math.prod(fo), math.prod(fi)):
+            raise ValueError(f"{cls._where(spec)}: weight shape {tuple(weight.shape)} != {(math.prod(fo), math.prod(fi))}")
         perm = [p for k in range(d) for p in (k, d + k)]
         return weight.reshape(*fo, *fi).permute(perm).reshape(cls._modes(spec))
 
@@ -93,19 +149,14 @@ class _TNLinear(TNLayer):
         fo, fi = spec["out_factors"], spec["in_factors"]
         d = len(fo)
         t = tensor.reshape([x for k in range(d) for x in (fo[k], fi[k])])
-        return t.permute([2 * k for k in range(d)] + [2 * k + 1 for k in range(d)]).reshape(_prod(fo), _prod(fi))
-
-    @classmethod
-    def _from_spec(cls, spec):
-        return cls(spec["in_features"], spec["out_features"], spec.get("bias", True), ranks=spec["ranks"],
-                   in_factors=spec["in_factors"], out_factors=spec["out_factors"])
+        return t.permute([2 * k for k in range(d)] + [2 * k + 1 for k in range(d)]).reshape(math.prod(fo), math.prod(fi))
 
     # --------------------------------------------------------------------- forward
     @staticmethod
     def _sweep_flops(fo, fi, r, batch) -> int:
         a, f, o_done = r[0], 0, 1
         for k in range(len(fo)):
-            f += 2 * batch * o_done * a * (r[k] if k else 1) * fi[k] * _prod(fi[k + 1:]) * fo[k] * r[k + 1]
+            f += 2 * batch * o_done * a * (r[k] if k else 1) * fi[k] * math.prod(fi[k + 1:]) * fo[k] * r[k + 1]
             o_done *= fo[k]
         return f
 
@@ -173,47 +224,30 @@ class _TNLinear(TNLayer):
         return y
 
     def forward(self, x):
-        lead = x.shape[:-1]
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self._where(self._spec)}: input last dim {x.shape[-1]} != in_features")
-        x2 = x.reshape(-1, self.in_features)
-        if self.use_dense_path(x2.shape[0]):
+        self._check_input(x)
+        if self.use_dense_path(math.prod(x.shape[:-1])):
             return F.linear(x, self.cached("weight", lambda: self.weight), self.bias)
         if self.low_rank:
             a, b = self.cached("low_rank", self._low_rank_factors)
             return F.linear(F.linear(x, a), b, self.bias)
-        y = self._contract(x2)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*lead, self.out_features)
+        return self.contract(x)
 
     # -------------------------------------------------------------------- helpers
-    def to_dense(self) -> nn.Linear:
-        w = self.weight.detach()
-        return self._filled(nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                                      device=w.device, dtype=w.dtype))
-
-    def dense_params(self) -> int:
-        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+    def _path_flops(self, input_shape):
+        b = math.prod(input_shape[:-1])
+        return self._contract_flops(b), self._dense_path_flops(b), self.use_dense_path(b)
 
     def flops(self, input_shape) -> int:
         """FLOPs of the forward path this layer takes for that input shape."""
-        b = _prod(input_shape[:-1])
-        return self._dense_path_flops(b) if self.use_dense_path(b) else self._contract_flops(b)
-
-    def dense_flops(self, input_shape) -> int:
-        return 2 * _prod(input_shape[:-1]) * self.in_features * self.out_features
-
-    def _shape_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"in_factors={self.in_factors}, out_factors={self.out_factors}")
+        contract, rebuild, use_rebuild = self._path_flops(input_shape)
+        return rebuild if use_rebuild else contract
 
 
 class TTLinear(_TNLinear):
-    """nn.Linear with a Tensor-Train matrix weight."""
+    """``nn.Linear`` with a Tensor-Train matrix weight (modes (o_k, i_k) paired per core)."""
     format = "tt"
 
 
 class TRLinear(_TNLinear):
-    """nn.Linear with a Tensor-Ring matrix weight."""
+    """``nn.Linear`` with a Tensor-Ring matrix weight (modes (o_k, i_k) paired per core)."""
     format = "tr"

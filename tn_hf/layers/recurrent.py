@@ -19,12 +19,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .base import TNLayer, decompose
+from .base import TNLayer, tn_targets
 from .linear import TRLinear, TTLinear
 
 
 class _TNRNN(TNLayer):
     composite = True
+    _args_doc = """Args:
+    input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional: as in
+        ``nn.LSTM`` / ``nn.GRU``.
+    ranks: ranks of every TN matrix, as for the Linear layers (an int, or a list that fits each
+        matrix's modes).
+    compress_hidden: also store the hidden-to-hidden matrices in TN form (default: dense).
+    in_factors: factorisation of input_size for the first layer's input-to-hidden matrices.
+    out_factors: factorisation of gates * hidden_size (the rows of every TN matrix).
+    n_modes: number of modes per side when no factors are given.
+    proj_size: must be 0.
+    weight_specs: {dense weight name: leaf spec}, the exact layout of each matrix (loading).
+"""
     gates: int = 4
     mode: str = "LSTM"
 
@@ -147,20 +159,15 @@ class _TNRNN(TNLayer):
                               n_modes=n_modes, compress_hidden=compress_hidden)
         leaf, cores = cls._leaf(), {}
         for name, ls in spec["weights"].items():
-            w = getattr(module, name).detach()
-            cores[name] = decompose(leaf.tensorize(w, ls), cls.format, ranks=ranks, max_rank=max_rank,
-                                    rel_error=rel_error, compression_ratio=compression_ratio,
-                                    where=f"{cls._where(spec)}.{name}")
-            ls["ranks"] = [cores[name][0].shape[0]] + [c.shape[-1] for c in cores[name]]
+            spec["weights"][name], cores[name] = leaf.decompose_weight(
+                getattr(module, name), ls, ranks=ranks, max_rank=max_rank, rel_error=rel_error,
+                compression_ratio=compression_ratio, where=f"{cls._where(spec)}.{name}")
         ref = module.weight_ih_l0
         layer = cls._from_spec(spec).to(device=ref.device, dtype=ref.dtype)
+        for name, cs in cores.items():
+            child = getattr(layer, name[len("weight_"):])
+            child.load_cores(cs, getattr(module, "bias_" + name[len("weight_"):]) if child.bias is not None else None)
         with torch.no_grad():
-            for name, cs in cores.items():
-                child = getattr(layer, name[len("weight_"):])
-                for p, c in zip(child.cores, cs):
-                    p.copy_(c)
-                if child.bias is not None:
-                    child.bias.copy_(getattr(module, "bias_" + name[len("weight_"):]))
             for n, p in layer.named_parameters(recurse=False):
                 p.copy_(getattr(module, n))
         return layer
@@ -293,6 +300,14 @@ class _TNRNN(TNLayer):
             f += 2 * tok * g * h * self.num_layers * (2 if self.bidirectional else 1)
         return f
 
+    def _path_flops(self, input_shape):
+        """Leaves summed (plus the dense hidden-to-hidden matmuls on both paths); path per leaf."""
+        tok, g, h = self._tokens(input_shape), self.gates * self.hidden_size, self.hidden_size
+        hh = 0 if self.compress_hidden else 2 * tok * g * h * self.num_layers * (2 if self.bidirectional else 1)
+        costs = {name: leaf.cost((tok, leaf.in_features)) for name, leaf in tn_leaves(self)}
+        return (hh + sum(c["contract"] for c in costs.values()), hh + sum(c["rebuild"] for c in costs.values()),
+                {name: c["path"] for name, c in costs.items()})
+
     def dense_flops(self, input_shape) -> int:
         tok = self._tokens(input_shape)
         return sum(2 * tok * p.numel() for n, p in self.to_dense().named_parameters() if n.startswith("weight"))
@@ -305,7 +320,6 @@ class _TNRNN(TNLayer):
 
 
 def tn_leaves(module):
-    from .base import tn_targets
     return list(tn_targets(module))
 
 

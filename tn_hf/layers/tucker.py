@@ -40,8 +40,9 @@ from torch import nn
 
 from ..decompositions.tucker import (tucker_allocate, tucker_params, tucker_project, tucker_ranks,
                                      tucker_ranks_for_ratio, tucker_svd, tucker_to_full)
-from .base import TNLayer, _prod, check_factors, default_factors
+from .base import TNLayer, check_factors, default_factors
 from .conv import _CONV_FN, _TNConv
+from .linear import _LinearLayer
 from .recurrent import _TNRNN
 
 DEFAULT_SIDE_MODES = 2  # modes per channel side when neither factors nor n_modes are given
@@ -58,7 +59,7 @@ def _rebuild_flops(modes, ranks) -> int:
     """FLOPs of tucker_to_full (mode products in order)."""
     f, shape = 0, list(ranks)
     for k, n in enumerate(modes):
-        f += 2 * _prod(shape) * n
+        f += 2 * math.prod(shape) * n
         shape[k] = n
     return f
 
@@ -82,6 +83,12 @@ class _TuckerLeaf(TNLayer):
         return tucker_to_full(self.cores[0], list(self.cores[1:]))
 
     @classmethod
+    def _spec_ranks(cls, spec: dict, ranks) -> list[int]:
+        if spec["ranks"] is None:
+            raise ValueError(f"{cls._where(spec)}: ranks are required (int or list of {len(cls._modes(spec))})")
+        return spec["ranks"]
+
+    @classmethod
     def _norm_ranks(cls, spec: dict) -> dict:
         if spec.get("ranks") is not None:
             try:
@@ -91,9 +98,10 @@ class _TuckerLeaf(TNLayer):
         return spec
 
     @classmethod
-    def decompose_weight(cls, weight, spec, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None):
+    def decompose_weight(cls, weight, spec, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
+                         where=None):
         """(spec with ranks, [G, U_1..U_d]) from ST-HOSVD of ``tensorize(weight, spec)``."""
-        where = cls._where(spec)
+        where = where or cls._where(spec)
         t = cls.tensorize(weight.detach(), spec)
         if compression_ratio is not None:
             if not compression_ratio > 0:
@@ -107,21 +115,6 @@ class _TuckerLeaf(TNLayer):
             raise ValueError(f"{where}: {e}") from None
         return dict(spec, ranks=list(core.shape)), [core, *factors]
 
-    @classmethod
-    def from_dense(cls, module, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
-                   in_factors=None, out_factors=None, n_modes=None):
-        spec = cls.dense_spec(module, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
-        w = module.weight
-        spec, cores = cls.decompose_weight(w, spec, ranks=ranks, max_rank=max_rank, rel_error=rel_error,
-                                           compression_ratio=compression_ratio)
-        layer = cls.from_spec(spec).to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            for p, c in zip(layer.cores, cores):
-                p.copy_(c)
-            if getattr(module, "bias", None) is not None:
-                layer.bias.copy_(module.bias)
-        return layer
-
     @staticmethod
     def _marked(spec, layer):
         """A layer whose spec says its core is shared keeps the mark; its model's cores get tied."""
@@ -134,53 +127,18 @@ class _TuckerLeaf(TNLayer):
         return _kron([self.cores[1 + k] for k in range(lo, hi)])
 
 
-class TuckerLinear(_TuckerLeaf):
+class TuckerLinear(_LinearLayer, _TuckerLeaf):
     """nn.Linear with a Tucker weight (see module docstring)."""
-
-    dense_type = nn.Linear
-
-    def __init__(self, in_features, out_features, bias=True, *, ranks, in_factors=None, out_factors=None,
-                 n_modes=None, init_var=None):
-        super().__init__()
-        spec = type(self).dense_spec_from_sizes(in_features, out_features, bias, ranks=ranks, in_factors=in_factors,
-                                                out_factors=out_factors, n_modes=n_modes)
-        if spec["ranks"] is None:
-            raise ValueError(f"{self._where(spec)}: ranks are required (int or list of {len(self._modes(spec))})")
-        self._spec = spec
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        self.in_factors, self.out_factors = tuple(spec["in_factors"]), tuple(spec["out_factors"])
-        self._init_cores(spec, init_var if init_var is not None else 1.0 / (3 * in_features))
-        if bias:
-            bound = 1.0 / math.sqrt(in_features)
-            self.bias = nn.Parameter(torch.empty(out_features).uniform_(-bound, bound))
-        else:
-            self.register_parameter("bias", None)
 
     # ---------------------------------------------------------------- tensorization
     @classmethod
-    def dense_spec_from_sizes(cls, in_features, out_features, bias=True, *, ranks=None, in_factors=None,
-                              out_factors=None, n_modes=None):
-        where = f"{cls.__name__}({in_features}->{out_features})"
+    def _side_factors(cls, in_features, out_features, in_factors, out_factors, n_modes, where):
         d = n_modes or DEFAULT_SIDE_MODES
-        fi = check_factors(in_factors, int(in_features), "in_factors", where) if in_factors is not None \
-            else default_factors(int(in_features), d)
-        fo = check_factors(out_factors, int(out_features), "out_factors", where) if out_factors is not None \
-            else default_factors(int(out_features), d)
-        spec = {"class": cls.__name__, "format": cls.format, "in_features": int(in_features),
-                "out_features": int(out_features), "bias": bool(bias), "in_factors": list(fi),
-                "out_factors": list(fo), "ranks": ranks}
-        return cls._norm_ranks(spec)
-
-    @classmethod
-    def dense_spec(cls, module, *, ranks=None, in_factors=None, out_factors=None, n_modes=None):
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"{cls.__name__}.dense_spec: expected nn.Linear, got {type(module).__name__}")
-        return cls.dense_spec_from_sizes(module.in_features, module.out_features, module.bias is not None,
-                                         ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
-
-    @classmethod
-    def _where(cls, spec):
-        return f"{cls.__name__}({spec['in_features']}->{spec['out_features']})"
+        fi = check_factors(in_factors, in_features, "in_factors", where) if in_factors is not None \
+            else default_factors(in_features, d)
+        fo = check_factors(out_factors, out_features, "out_factors", where) if out_factors is not None \
+            else default_factors(out_features, d)
+        return fi, fo
 
     @staticmethod
     def _modes(spec):
@@ -199,15 +157,13 @@ class TuckerLinear(_TuckerLeaf):
 
     @classmethod
     def _from_spec(cls, spec):
-        return cls._marked(spec, cls(spec["in_features"], spec["out_features"], spec.get("bias", True),
-                                     ranks=spec["ranks"], in_factors=spec["in_factors"],
-                                     out_factors=spec["out_factors"]))
+        return cls._marked(spec, super()._from_spec(spec))
 
     # --------------------------------------------------------------------- forward
     def _costs(self, batch: int) -> tuple[int, int]:
         """(factorized, dense) FLOPs for ``batch`` rows."""
         p, r = len(self.out_factors), self.ranks
-        t, s = _prod(r[:p]), _prod(r[p:])
+        t, s = math.prod(r[:p]), math.prod(r[p:])
         kron = self.in_features * s + self.out_features * t
         fact = kron + 2 * batch * (self.in_features * s + s * t + t * self.out_features)
         dense = _rebuild_flops(self._modes(self._spec), r) + 2 * batch * self.in_features * self.out_features
@@ -218,84 +174,40 @@ class TuckerLinear(_TuckerLeaf):
         return dense < fact
 
     def _contract(self, x2):
+        """x (B, I) -> (B, O) by the factorized path ``B (G (A^T x))`` (no dense weight)."""
         p = len(self.out_factors)
         a, b = self._side(p, len(self.cores) - 1), self._side(0, p)
         g = self.cores[0].reshape(b.shape[1], a.shape[1])
         return ((x2 @ a) @ g.T) @ b.T
 
     def forward(self, x):
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"{self._where(self._spec)}: input last dim {x.shape[-1]} != in_features "
-                             f"{self.in_features}")
-        x2 = x.reshape(-1, self.in_features)
-        if self.use_dense_path(x2.shape[0]):
+        self._check_input(x)
+        if self.use_dense_path(math.prod(x.shape[:-1])):
             return F.linear(x, self.weight, self.bias)
-        y = self._contract(x2)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.contract(x)
 
     # -------------------------------------------------------------------- helpers
-    def to_dense(self) -> nn.Linear:
-        w = self.weight.detach()
-        return self._filled(nn.Linear(self.in_features, self.out_features, self.bias is not None,
-                                      device=w.device, dtype=w.dtype))
-
-    def dense_params(self) -> int:
-        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+    def _path_flops(self, input_shape):
+        b = math.prod(input_shape[:-1])
+        return (*self._costs(b), self.use_dense_path(b))
 
     def flops(self, input_shape) -> int:
-        return min(self._costs(_prod(input_shape[:-1])))
-
-    def dense_flops(self, input_shape) -> int:
-        return 2 * _prod(input_shape[:-1]) * self.in_features * self.out_features
-
-    def _shape_repr(self):
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"in_factors={self.in_factors}, out_factors={self.out_factors}")
+        return min(self._costs(math.prod(input_shape[:-1])))
 
 
 class _TuckerConv(_TuckerLeaf, _TNConv):
     """Tucker convolution; spec, tensorization and padding are the TT/TR convolutions' (conv.py)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, padding_mode="zeros", *, ranks, in_factors=None, out_factors=None, n_modes=None):
-        nn.Module.__init__(self)
-        spec = type(self).dense_spec_from_args(
-            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
-        if spec["ranks"] is None:
-            raise ValueError(f"{self._where(spec)}: ranks are required (int or list of {len(self._modes(spec))})")
-        self._spec = spec
-        self.in_channels, self.out_channels = spec["in_channels"], spec["out_channels"]
-        self.kernel_size, self.stride = tuple(spec["kernel_size"]), tuple(spec["stride"])
-        self.padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
-        self.dilation, self.groups, self.padding_mode = tuple(spec["dilation"]), 1, spec["padding_mode"]
-        self.in_factors, self.out_factors = tuple(spec["in_factors"]), tuple(spec["out_factors"])
-        fan_in = self.in_channels * _prod(self.kernel_size)
-        self._init_cores(spec, 1.0 / (3 * fan_in))  # = nn.ConvNd default variance
-        if bias:
-            bound = 1.0 / math.sqrt(fan_in)
-            self.bias = nn.Parameter(torch.empty(self.out_channels).uniform_(-bound, bound))
-        else:
-            self.register_parameter("bias", None)
-        self._pad, self._conv_padding = self._padding_plan()
-
     @classmethod
     def _from_spec(cls, spec):
-        return cls._marked(spec, _TNConv._from_spec.__func__(cls, spec))
-
-    @classmethod
-    def dense_spec_from_args(cls, *args, ranks=None, **kw):
-        spec = super().dense_spec_from_args(*args, ranks=ranks, **kw)
-        return cls._norm_ranks(spec)
+        return cls._marked(spec, super()._from_spec(spec))
 
     def _stage_flops(self, input_shape):
         """FLOPs of the factorized path's stages and of the dense path (rebuild, conv)."""
-        b, spatial = _prod(input_shape[:-self.dim - 1]), input_shape[-self.dim:]
-        hw_in, hw_out = _prod(spatial), _prod(self._out_spatial(spatial))
+        b, spatial = math.prod(input_shape[:-self.dim - 1]), input_shape[-self.dim:]
+        hw_in, hw_out = math.prod(spatial), math.prod(self._out_spatial(spatial))
         p, r, modes = len(self.out_factors), self.ranks, self._modes(self._spec)
-        t, rk, s, k = _prod(r[:p]), r[p], _prod(r[p + 1:]), modes[p]
+        t, rk, s, k = math.prod(r[:p]), r[p], math.prod(r[p + 1:]), modes[p]
         tn = {"merge": self.in_channels * s + self.out_channels * t + 2 * t * s * rk * k,
               "in": 2 * b * hw_in * self.in_channels * s, "kernel": 2 * b * hw_out * t * s * k,
               "out": 2 * b * hw_out * t * self.out_channels}
@@ -319,15 +231,15 @@ class _TuckerConv(_TuckerLeaf, _TNConv):
 
 
 class TuckerConv1d(_TuckerConv):
-    format, dim, dense_type = "tucker", 1, nn.Conv1d
+    dim = 1
 
 
 class TuckerConv2d(_TuckerConv):
-    format, dim, dense_type = "tucker", 2, nn.Conv2d
+    dim = 2
 
 
 class TuckerConv3d(_TuckerConv):
-    format, dim, dense_type = "tucker", 3, nn.Conv3d
+    dim = 3
 
 
 # ----------------------------------------------------------------------------- recurrent
@@ -340,29 +252,6 @@ class _TuckerRNN(_TNRNN):
     @classmethod
     def _leaf(cls):
         return TuckerLinear
-
-    @classmethod
-    def from_dense(cls, module, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
-                   in_factors=None, out_factors=None, n_modes=None, compress_hidden=False):
-        spec = cls.dense_spec(module, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes,
-                              compress_hidden=compress_hidden)
-        cores = {}
-        for name, ls in spec["weights"].items():
-            spec["weights"][name], cores[name] = TuckerLinear.decompose_weight(
-                getattr(module, name), ls, ranks=ranks, max_rank=max_rank, rel_error=rel_error,
-                compression_ratio=compression_ratio)
-        ref = module.weight_ih_l0
-        layer = cls._from_spec(spec).to(device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            for name, cs in cores.items():
-                child = getattr(layer, name[len("weight_"):])
-                for p, c in zip(child.cores, cs):
-                    p.copy_(c)
-                if child.bias is not None:
-                    child.bias.copy_(getattr(module, "bias_" + name[len("weight_"):]))
-            for n, p in layer.named_parameters(recurse=False):
-                p.copy_(getattr(module, n))
-        return layer
 
 
 class TuckerLSTM(_TuckerRNN):
