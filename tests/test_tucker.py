@@ -1,5 +1,6 @@
 """Tucker format: ST-HOSVD, projection, layers (both forward paths), compress, save/load, ADA, SCADA."""
 import math
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from tn_hf.decompositions import (project, tucker_params, tucker_project, tucker
 from tn_hf.layers import (TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerGRU, TuckerLinear, TuckerLSTM,
                           layer_from_spec, tn_class_for)
 from tn_hf.layers.base import TNLayer
+
+from nets import Seq
 
 
 def _close(a, b, tol=1e-10):
@@ -240,20 +243,15 @@ def test_bad_input_errors_name_module_and_choices():
 
 
 # ----------------------------------------------------------------------------- compress / save / load
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 16, 3, padding=1)
-        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
-        self.conv3 = nn.Conv2d(32, 32, 3, padding=1)
-        self.fc1 = nn.Linear(32 * 4 * 4, 64)
-        self.fc2 = nn.Linear(64, 10)
+class Net(nn.Sequential):
+    """A small MNIST CNN: three convs (pooled to 4x4) and two linears."""
 
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        x = F.adaptive_avg_pool2d(F.relu(self.conv3(x)), 4)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+    def __init__(self):
+        super().__init__(OrderedDict(
+            conv1=nn.Conv2d(1, 16, 3, padding=1), act1=nn.ReLU(), pool1=nn.MaxPool2d(2),
+            conv2=nn.Conv2d(16, 32, 3, padding=1), act2=nn.ReLU(), pool2=nn.MaxPool2d(2),
+            conv3=nn.Conv2d(32, 32, 3, padding=1), act3=nn.ReLU(), pool3=nn.AdaptiveAvgPool2d(4),
+            flat=nn.Flatten(), fc1=nn.Linear(32 * 4 * 4, 64), act4=nn.ReLU(), fc2=nn.Linear(64, 10)))
 
 
 def _net():
@@ -335,32 +333,6 @@ def test_cli_compress_tucker_and_inspect(tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(out)]) == 0
     assert "TuckerConv2d" in capsys.readouterr().out
-
-
-class Seq(nn.Module):
-    def __init__(self, cell="lstm"):
-        super().__init__()
-        self.rnn = (nn.LSTM if cell == "lstm" else nn.GRU)(16, 32, batch_first=True)
-        self.head = nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1])
-
-
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_recurrent_compress_save_load(cell, tmp_path):
-    torch.manual_seed(0)
-    model = Seq(cell).eval()
-    tn_hf.compress(model, tn_hf.TNConfig(format="tucker", compression_ratio=3, min_params=500,
-                                         compress_hidden=True), progress=False)
-    assert isinstance(model.rnn, TuckerLSTM if cell == "lstm" else TuckerGRU)
-    x = torch.randn(2, 5, 16)
-    with torch.no_grad():
-        y = model(x)
-    tn_hf.save_pretrained(model, tmp_path, model_args={"cell": cell})
-    loaded = tn_hf.from_pretrained(tmp_path, model_class=Seq)
-    with torch.no_grad():
-        _close(loaded(x), y, 1e-6)
 
 
 def test_transformers_roundtrip_tucker(tmp_path):
