@@ -27,6 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tn_hf  # noqa: E402
 from tn_hf.layers import TTConv2d, TTLinear, tn_targets  # noqa: E402
+from tn_hf.layers.base import n_params  # noqa: E402
 from tn_hf.decompositions import ranks_for_ratio  # noqa: E402
 
 CASES = {
@@ -158,10 +159,6 @@ def measure(module, make_x, batch, repeats):
     t_train = timeit(train, max(2, repeats // 2))
     module.eval()
     return timeit(fwd, repeats), t_train
-
-
-def n_params(m):
-    return sum(p.numel() for p in m.parameters())
 
 
 def main():

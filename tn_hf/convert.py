@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 
 from .decompositions import ranks_for_ratio
 from .layers import layer_from_spec, registry
-from .layers.base import TNLayer
+from .layers.base import TNLayer, n_params
 from .cost import kept_dense_row
 from .layers.tucker import tie_shared_cores
 from .report import CompressionReport, flops, layer_row, n_stored, probe, rel_error
 from .serialization import CheckpointError, check_specs
-from .targeting import as_config, is_transformers, leaf_specs, n_params, plan
+from .targeting import as_config, is_transformers, leaf_specs, plan
 
 # "specs_changed": called with the model after compress / apply_specs; "decompressed": after decompress.
 # Tucker's shared core (SCADA) is tied here: a no-op for models without one.

@@ -18,6 +18,7 @@ from .admm import ADMMScheduler
 from .config import TNConfig
 from .convert import compress
 from .hub import from_pretrained, save_pretrained
+from .layers.base import n_params
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
@@ -153,10 +154,6 @@ def latency(model, batch: int, min_run_time: float = 0.5) -> float:
     ms = 1000 * timer.blocked_autorange(min_run_time=min_run_time).median
     model.train(was)
     return ms
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------- experiment

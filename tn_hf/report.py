@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .layers import layer_from_spec
+from .layers.base import n_params
 
 COLUMNS = ("name", "type", "tn_type", "dense_params", "tn_params", "ratio", "ranks", "rel_error",
            "flops_dense", "flops_tn")
@@ -48,7 +49,7 @@ def ranks_of(spec: dict):
 def layer_row(name: str, layer, spec: dict, **extra) -> dict[str, Any]:
     """One table row for a TN layer (live or on the meta device)."""
     dense = int(layer.dense_params())
-    tn = sum(p.numel() for p in layer.parameters())
+    tn = n_params(layer)
     row = {"name": name, "type": layer.dense_type.__name__, "tn_type": type(layer).__name__,
            "dense_params": dense, "tn_params": tn, "ratio": dense / max(tn, 1), "ranks": ranks_of(spec),
            "rel_error": None, "flops_dense": None, "flops_tn": None}

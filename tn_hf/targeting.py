@@ -25,7 +25,7 @@ from .config import TNConfig
 from .cost import plan_for_speed
 from .decompositions import allocate_ranks
 from .layers import SUPPORTED_TYPES, layer_type, registry, tn_class_for
-from .layers.base import normalize_ranks
+from .layers.base import n_params, normalize_ranks
 from .layers.tucker import plan_tucker
 from .report import positions
 
@@ -54,10 +54,6 @@ def as_config(config) -> TNConfig:
 def is_transformers(model) -> bool:
     tf = sys.modules.get("transformers")  # not imported -> can't be a transformers model
     return tf is not None and isinstance(model, tf.PreTrainedModel)
-
-
-def n_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 # ----------------------------------------------------------------------------- matching

@@ -2,7 +2,7 @@
 from .factorize import auto_modes, factorize
 from .ranks import allocate_ranks, allocation_summary, ranks_for_ratio, tn_params
 from .tr import tr_project, tr_ranks, tr_svd, tr_to_full
-from .tt import truncated_factor, tt_project, tt_ranks, tt_svd, tt_to_full, unfolding_spectrum
+from .tt import chain, truncated_factor, tt_project, tt_ranks, tt_svd, tt_to_full, unfolding_spectrum
 from .tucker import (mode_spectra, tucker_allocate, tucker_params, tucker_project, tucker_ranks, tucker_ranks_for_ratio, tucker_svd,
                      tucker_to_full)
 
@@ -17,7 +17,7 @@ def project(tensor, ranks, format: str = "tt"):
     return PROJECTIONS[format](tensor, ranks)
 
 
-__all__ = ["factorize", "auto_modes", "tt_svd", "tt_to_full", "tt_project", "tt_ranks",
+__all__ = ["chain", "factorize", "auto_modes", "tt_svd", "tt_to_full", "tt_project", "tt_ranks",
            "tr_svd", "tr_to_full", "tr_project", "tr_ranks", "tn_params", "ranks_for_ratio",
            "allocate_ranks", "allocation_summary", "truncated_factor", "unfolding_spectrum",
            "tucker_svd", "tucker_to_full", "tucker_project", "tucker_ranks", "tucker_params",

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["tt_svd", "tt_to_full", "tt_project", "tt_ranks", "truncated_factor", "unfolding_spectrum"]
+__all__ = ["chain", "tt_svd", "tt_to_full", "tt_project", "tt_ranks", "truncated_factor", "unfolding_spectrum"]
 
 # randomized range finder when both sides exceed this and the rank is small
 _RANDOMIZED_MIN_SIDE = 2048
@@ -192,6 +192,15 @@ def tt_svd(x: Tensor, *, ranks=None, max_rank: int | None = None, rel_error: flo
     return tt_sweep(x, shape, 1, r, max_rank, tol_sq)
 
 
+def chain(cores: Sequence[Tensor]) -> Tensor:
+    """Contract a chain of cores (r0, n1, r1)...(r_{m-1}, n_m, r_m) into (r0, n1*...*n_m, r_m)."""
+    r0 = cores[0].shape[0]
+    m = cores[0].reshape(-1, cores[0].shape[-1])  # (r0*n1, r1)
+    for c in cores[1:]:
+        m = (m @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
+    return m.reshape(r0, -1, m.shape[-1])
+
+
 def tt_to_full(cores: Sequence[Tensor]) -> Tensor:
     """Dense tensor of shape ``tuple(c.shape[1] for c in cores)`` from TT cores."""
     if len(cores) < 1:
@@ -199,10 +208,7 @@ def tt_to_full(cores: Sequence[Tensor]) -> Tensor:
     if cores[0].shape[0] != 1 or cores[-1].shape[-1] != 1:
         raise ValueError(f"tt_to_full: boundary ranks must be 1, got {cores[0].shape[0]} and "
                          f"{cores[-1].shape[-1]} (use tr_to_full for tensor rings)")
-    full = cores[0].reshape(-1, cores[0].shape[-1])
-    for c in cores[1:]:
-        full = (full @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
-    return full.reshape(tuple(c.shape[1] for c in cores))
+    return chain(cores).reshape(tuple(c.shape[1] for c in cores))
 
 
 def tt_project(x: Tensor, ranks) -> Tensor:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .. import decompositions as D
+from ..decompositions import chain
 from ..config import FORMATS
 
 registry: dict[str, type] = {}
@@ -30,13 +31,9 @@ FORMAT_NAMES = {"tt": "Tensor-Train", "tr": "Tensor-Ring", "tucker": "Tucker"}
 
 
 
-def chain(cores) -> torch.Tensor:
-    """Contract a chain of cores (r0, n1, r1)...(r_{m-1}, n_m, r_m) into (r0, n1*...*n_m, r_m)."""
-    r0 = cores[0].shape[0]
-    m = cores[0].reshape(-1, cores[0].shape[-1])  # (r0*n1, r1)
-    for c in cores[1:]:
-        m = (m @ c.reshape(c.shape[0], -1)).reshape(-1, c.shape[-1])
-    return m.reshape(r0, -1, m.shape[-1])
+def n_params(module: nn.Module) -> int:
+    """Parameters of a module (each shared tensor once): the one count used everywhere."""
+    return sum(p.numel() for p in module.parameters())
 
 
 def canonical(t: torch.Tensor) -> torch.Tensor:
@@ -356,7 +353,7 @@ class TNLayer(nn.Module):
         return dense
 
     def params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return n_params(self)
 
     def extra_repr(self) -> str:
         dense = self.dense_params()
