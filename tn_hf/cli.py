@@ -74,9 +74,9 @@ def _load_folder(folder: Path):
         return timm.create_model(f"local-dir:{folder}", pretrained=True)
     if "model_type" in cfg:
         import transformers
-        archs = cfg.get("architectures") or []
-        cls = getattr(transformers, archs[0], None) if archs else None
-        return (cls or transformers.AutoModel).from_pretrained(str(folder))
+
+        from .hub import transformers_class
+        return (transformers_class(cfg) or transformers.AutoModel).from_pretrained(str(folder))
     raise UserError(f"{cfg_path} has neither 'architecture' (timm) nor 'model_type' (transformers)")
 
 

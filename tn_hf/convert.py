@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from .decompositions import ranks_for_ratio
 from .layers import layer_from_spec, registry
-from .layers.base import TNLayer, n_params
+from .layers.base import TNLayer
 from .cost import kept_dense_row
 from .layers.tucker import tie_shared_cores
 from .report import CompressionReport, flops, layer_row, n_stored, probe, rel_error
@@ -107,9 +107,8 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
         model.set_submodule(t.name, layer)
         specs[t.name] = layer.spec()
         fd, ft = flops(t.module, layer, probed.get(t.name))
-        row = layer_row(t.name, layer, specs[t.name], rel_error=rel_error(dense, layer), flops_dense=fd, flops_tn=ft)
-        row["dense_params"] = n_params(t.module)
-        row["ratio"] = row["dense_params"] / max(row["tn_params"], 1)
+        row = layer_row(t.name, layer, specs[t.name], t.module, rel_error=rel_error(dense, layer), flops_dense=fd,
+                        flops_tn=ft)
         note = _note(row, layer, config)
         if note:
             row["note"] = note
@@ -146,9 +145,7 @@ def preview(model: nn.Module, config) -> CompressionReport:
         with torch.device("meta"):
             layer = layer_from_spec(spec)
         fd, ft = flops(t.module, layer, probed.get(t.name))
-        row = layer_row(t.name, layer, spec, flops_dense=fd, flops_tn=ft)
-        row["dense_params"] = n_params(t.module)
-        row["ratio"] = row["dense_params"] / max(row["tn_params"], 1)
+        row = layer_row(t.name, layer, spec, t.module, flops_dense=fd, flops_tn=ft)
         rows.append(row)
     rows += [kept_dense_row(model, name, why, probed.get(name)) for name, why in kept.items()]
     return CompressionReport.build(rows, model_params_tn=n_stored(model) - sum(r["dense_params"] - r["tn_params"]

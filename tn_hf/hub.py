@@ -178,19 +178,32 @@ def _dry_run_timm(local: Path, cfg: dict, kwargs: dict) -> None:
             probe = timm.create_model(cfg["architecture"], pretrained=False, **args)
     except Exception:  # noqa: BLE001 - arguments only timm's own loader understands: it checks them itself
         return
-    meta = S.TNMetadata.from_dict(cfg["tn_hf"], str(local / S.CONFIG_NAME))
+    _check_on_meta(probe, S.TNMetadata.from_dict(cfg["tn_hf"], str(local / S.CONFIG_NAME)), local)
+
+
+def _check_on_meta(probe: nn.Module, meta: S.TNMetadata, local: Path, header: dict | None = None) -> None:
+    """``probe`` (a model built on the meta device) with the specs applied against the weights' header:
+    every check of a load, at no memory and no init cost."""
     apply_specs(probe, meta.specs, where=str(local / S.CONFIG_NAME))
-    S.check_against_header(probe, S.read_header(local / S.WEIGHTS_NAME), local / S.WEIGHTS_NAME)
+    S.check_against_header(probe, header or S.read_header(local / S.WEIGHTS_NAME), local / S.WEIGHTS_NAME)
+
+
+def transformers_class(cfg: dict):
+    """The transformers model class config.json's ``architectures`` names (None if it names none);
+    only ``PreTrainedModel`` subclasses that transformers itself exports are returned."""
+    import transformers
+    archs = cfg.get("architectures") or []
+    cls = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
+    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
 
 
 def _load_transformers(local: Path, cfg: dict, model_class, kwargs) -> nn.Module:
     import transformers
     if model_class is None:
-        archs = cfg.get("architectures") or []
-        model_class = getattr(transformers, archs[0], None) if archs and isinstance(archs[0], str) else None
+        model_class = transformers_class(cfg)
         if model_class is None:
-            raise S.CheckpointError(f"{local / S.CONFIG_NAME}: transformers has no class {archs} (config.json "
-                                    "'architectures'); pass model_class=")
+            raise S.CheckpointError(f"{local / S.CONFIG_NAME}: transformers has no model class "
+                                    f"{cfg.get('architectures')} (config.json 'architectures'); pass model_class=")
     if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
         raise TypeError(f"from_pretrained: {model_class!r} is not a transformers PreTrainedModel class")
     return model_class.from_pretrained(str(local), **kwargs)
@@ -234,12 +247,8 @@ def _load_torch(local: Path, cfg: dict, model_class, trust_remote_code: bool, kw
     args = dict(model_args, **kwargs)
     meta = S.TNMetadata.from_dict(cfg["tn_hf"], str(where))
     header = S.read_header(local / S.WEIGHTS_NAME)
-    # dry run on the meta device: every check below costs no memory and runs no init
     with torch.device("meta"):
-        probe = _build(model_class, args, where)
-    apply_specs(probe, meta.specs, where=str(where))
-    S.check_against_header(probe, header, local / S.WEIGHTS_NAME)
-    del probe
+        _check_on_meta(_build(model_class, args, where), meta, local, header)
     model = _build(model_class, args, where)
     apply_specs(model, meta.specs, where=str(where))
     model.tn_hf_config = meta.config

@@ -46,9 +46,10 @@ def ranks_of(spec: dict):
     return spec.get("ranks")
 
 
-def layer_row(name: str, layer, spec: dict, **extra) -> dict[str, Any]:
-    """One table row for a TN layer (live or on the meta device)."""
-    dense = int(layer.dense_params())
+def layer_row(name: str, layer, spec: dict, dense_module: nn.Module | None = None, **extra) -> dict[str, Any]:
+    """One table row for a TN layer (live or on the meta device); ``dense_module``: the module it
+    replaces, whose parameters (bias included) are then the dense count."""
+    dense = n_params(dense_module) if dense_module is not None else int(layer.dense_params())
     tn = n_params(layer)
     row = {"name": name, "type": layer.dense_type.__name__, "tn_type": type(layer).__name__,
            "dense_params": dense, "tn_params": tn, "ratio": dense / max(tn, 1), "ranks": ranks_of(spec),
