@@ -32,6 +32,16 @@ from tn_hf.decompositions import ranks_for_ratio  # noqa: E402
 
 CASES = {
     # name: (dense factory, TN factory(ratio, dense), tltorch factory(ratio) or None, input(batch))
+    "conv 64->64 3x3 @56x56 (ResNet-18 layer1)": (
+        lambda: nn.Conv2d(64, 64, 3, padding=1, bias=False),
+        lambda r, d: _planned(d, r, (64, 56, 56)),
+        lambda r: _tl_conv(64, 64, r),
+        lambda b: torch.randn(b, 64, 56, 56)),
+    "conv 64->64 3x3 @56x56, kernel_mode='own' (1x1 -> 3x3 -> 1x1)": (
+        lambda: nn.Conv2d(64, 64, 3, padding=1, bias=False),
+        lambda r, d: _planned(d, r, (64, 56, 56), kernel_mode="own"),
+        None,
+        lambda b: torch.randn(b, 64, 56, 56)),
     "conv 256->256 3x3 @14x14 (ResNet-18 layer3)": (
         lambda: nn.Conv2d(256, 256, 3, padding=1, bias=False),
         lambda r, d: _planned(d, r, (256, 14, 14)),
@@ -77,12 +87,12 @@ class _One(nn.Module):
         return self.m(x.transpose(0, 1) if self.seq_first else x)
 
 
-def _planned(dense, ratio, size, seq_first=False):
-    """What tn_hf.compress makes of this layer at this ratio (speed planner on; uniform allocation).
-    Returns (layer, reason it was kept dense or None)."""
+def _planned(dense, ratio, size, seq_first=False, **cfg):
+    """What tn_hf.compress makes of this layer at this ratio (speed planner on; uniform allocation;
+    ``cfg``: more TNConfig fields). Returns (layer, reason it was kept dense or None)."""
     w = _One(copy.deepcopy(dense), size, seq_first)
     rep = tn_hf.compress(w, tn_hf.TNConfig(compression_ratio=ratio, target_modules=["m"], allocation="uniform",
-                                                     plan_for_speed=True),
+                                           plan_for_speed=True, **cfg),
                          progress=False)
     return w.m, rep.rows[0].get("kept_dense")
 
@@ -110,7 +120,9 @@ NOTES = """
 ## Notes
 
 - TT conv: modes (out factors, kernel, in factors), run as 1x1 conv I -> r_b, kxk conv
-  r_b -> r_a, 1x1 conv r_a -> O with the merged factors cached in eval. Ranks: the planner's
+  r_b -> r_a, 1x1 conv r_a -> O with the merged factors cached in eval; or, with
+  kernel_mode "in" (chosen by the planner where measured faster), modes (O, K*I): kxk conv
+  I -> r, 1x1 conv r -> O, one pass less over the activations. Ranks: the planner's
   choice within dense/ratio params (aligned to multiples of 8/16 where that was measured
   faster). Targets (batch 32 eval, 256->256 3x3 @14x14): 4x <= 0.30x dense, 8x <= 0.18x.
 - TT linear: the default layout is the two-core low-rank form (in factors (1, I), out factors
@@ -191,6 +203,7 @@ def main():
                 t_tl = measure(tl, mk_x, batch, repeats) if tl is not None else None
                 form = f"kept dense: {kept}" if kept else "; ".join(
                     f"{c.in_factors if hasattr(c, 'in_features') else ''} ranks {c.ranks}".strip()
+                    + (" (kernel_mode 'in': 3x3 -> 1x1)" if getattr(c, "kernel_mode", "own") == "in" else "")
                     for _, c in tn_targets(tn))
                 rows.append(dict(case=name, batch=batch, ratio=ratio, dense=t_dense[batch], tn=t_tn, tl=t_tl,
                                  form=form, p_dense=n_params(dense), p_tn=n_params(tn),

@@ -126,6 +126,10 @@ def _row(base, mode, batch, td, tt):
 def run_model(name, ratio, args, device):
     torch.manual_seed(0)
     dense = build(name).to(device).eval()
+    suffix = ""
+    if args.channels_last and any(p.dim() == 4 for p in dense.parameters()):
+        dense = dense.to(memory_format=torch.channels_last)  # before compress: the planner times channels-last
+        suffix = ", channels_last"
     tn = copy.deepcopy(dense)
     t0 = time.perf_counter()
     cfg = tn_hf.TNConfig(compression_ratio=ratio, allocation=args.allocation, plan_for_speed=True)
@@ -134,49 +138,56 @@ def run_model(name, ratio, args, device):
     tn.eval()
     kept = [r["name"] for r in report.rows if r.get("kept_dense")]
     size = input_size(dense)
-    x1 = torch.randn(1, *size, device=device)
+
+    def randn(b):
+        x = torch.randn(b, *size, device=device)
+        return x.contiguous(memory_format=torch.channels_last) if suffix and x.dim() == 4 else x
+    x1 = randn(1)
     base = {"model": name, "ratio": ratio, "params_dense": params(dense), "params_tn": params(tn),
             "flops_dense": flops(dense, x1), "flops_tn": flops(tn, x1),
             "targets": len(report.rows), "kept_dense": len(kept), "compress_s": round(t_compress, 1),
+            "two_step_convs": sum(getattr(m, "kernel_mode", "own") == "in" for m in tn.modules()),
             "target_ratio": report.totals["target_ratio"]}
     rows = []
     for b in ([] if args.compile_only else args.batches):
-        x = torch.randn(b, *size, device=device)
+        x = randn(b)
         reps = args.repeats or (15 if b == 1 else 5)
         td, tt = alternate([eval_fn(dense, x), eval_fn(tn, x)], reps, device)
-        rows.append(_row(base, "eval", b, td, tt))
-        print(f"{name} {ratio}x eval b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms ({tt / td:.2f}x)",
+        rows.append(_row(base, "eval" + suffix, b, td, tt))
+        print(f"{name} {ratio}x eval{suffix} b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms ({tt / td:.2f}x)",
               flush=True)
     if args.train_batch and not args.compile_only:
         b = args.train_batch
-        x = torch.randn(b, *size, device=device)
+        x = randn(b)
         dense.train()
         tn.train()
         td, tt = alternate([train_fn(dense, x), train_fn(tn, x)], args.train_repeats, device, warmup=1)
         dense.eval()
         tn.eval()
-        rows.append(_row(base, "train step", b, td, tt))
-        print(f"{name} {ratio}x train b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms ({tt / td:.2f}x)",
+        rows.append(_row(base, "train step" + suffix, b, td, tt))
+        print(f"{name} {ratio}x train{suffix} b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms ({tt / td:.2f}x)",
               flush=True)
     if name in args.compile:
         cd, ct = torch.compile(dense), torch.compile(tn)
         for b in args.batches:
-            x = torch.randn(b, *size, device=device)
+            x = randn(b)
             reps = args.repeats or (15 if b == 1 else 5)
             td, tt = alternate([eval_fn(cd, x), eval_fn(ct, x)], reps, device, warmup=3)
-            rows.append(_row(base, "eval, torch.compile", b, td, tt))
+            rows.append(_row(base, "eval, torch.compile" + suffix, b, td, tt))
             print(f"{name} {ratio}x compiled eval b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms "
                   f"({tt / td:.2f}x)", flush=True)
-    return rows, {"model": name, "ratio": ratio, "report": report.to_dict()}
+    return rows, {"model": name, "ratio": ratio, "layout": suffix.strip(", ") or "contiguous",
+                  "report": report.to_dict()}
 
 
-TARGETS = {  # (model, ratio, mode, batch): max time ratio, from the project's speed issue
-    **{(m, 3.0, "eval", 32): 0.7 for m in TIMM + ["tt_lstm"]},
-    **{(m, 3.0, "eval", 1): 1.0 for m in TIMM + ["tt_lstm"]},
-    ("resnet18", 3.0, "eval", 32): 0.55, ("resnet18", 3.0, "eval", 1): 0.8,
-    ("vit_small_patch16_224", 3.0, "eval", 32): 0.6, ("vit_small_patch16_224", 3.0, "eval", 1): 0.9,
-    ("small_cnn", 8.0, "eval", 32): 0.6,
+_TARGETS = {  # (model, ratio, batch): max eval time ratio, from the project's speed issue
+    **{(m, 3.0, 32): 0.7 for m in TIMM + ["tt_lstm"]},
+    **{(m, 3.0, 1): 1.0 for m in TIMM + ["tt_lstm"]},
+    ("resnet18", 3.0, 32): 0.55, ("resnet18", 3.0, 1): 0.8,
+    ("vit_small_patch16_224", 3.0, 32): 0.6, ("vit_small_patch16_224", 3.0, 1): 0.9,
+    ("small_cnn", 8.0, 32): 0.6, ("small_cnn", 8.0, 1): 1.0,
 }
+TARGETS = {(m, r, mode, b): v for (m, r, b), v in _TARGETS.items() for mode in ("eval", "eval, channels_last")}
 
 
 def _f2(v) -> str:
@@ -192,13 +203,16 @@ def render(data) -> str:
              "params budget, "
              "every target at ratio R (random weights have flat spectra, so the global allocation has nothing to "
              "go on), ranks chosen by measured time, layers not faster as TN kept dense and their budget moved "
-             "to the others. Eval: no_grad, dense and TN timed alternately in one process, "
+             "to the others; each conv's layout (kernel_mode \"own\": 1x1 -> kxk -> 1x1, or \"in\": kxk -> 1x1, "
+             "the \"two-step convs\") chosen by measured time. Rows \"channels_last\": dense and TN models both "
+             "converted with model.to(memory_format=torch.channels_last) before compress (the planner then "
+             "times layers in that format) and fed channels-last inputs. Eval: no_grad, dense and TN timed alternately in one process, "
              "median of 15 (batch 1) / 5 (batch 32) repeats; train step: forward + backward + SGD step. "
              "FLOPs: whole model, one sample (torch.utils.flop_counter). Target: the issue's bound on the time "
              "ratio (medians); \"fastest\": ratio of the fastest repeats, the figure least disturbed by other load on "
              "a shared machine.", "",
              "| model | ratio | mode | batch | ms dense | ms TN | time TN/dense | target | fastest TN/dense "
-             "| params dense -> TN | GFLOPs dense -> TN | TN layers / kept dense |",
+             "| params dense -> TN | GFLOPs dense -> TN | TN layers (two-step convs) / kept dense |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(TIMM + ["small_cnn", "tt_lstm"])}
     for r in sorted(data["rows"], key=lambda r: (order.get(r["model"], 99), r["ratio"], r["mode"], r["batch"])):
@@ -209,7 +223,7 @@ def render(data) -> str:
             f"{r['time_ratio']:.2f} | {mark} | {_f2(r.get('fastest_ratio'))} | "
             f"{r['params_dense'] / 1e6:.2f}M -> {r['params_tn'] / 1e6:.2f}M | "
             f"{r['flops_dense'] / 1e9:.3f} -> {r['flops_tn'] / 1e9:.3f} | "
-            f"{r['targets'] - r['kept_dense']} / {r['kept_dense']} |")
+            f"{r['targets'] - r['kept_dense']} ({r.get('two_step_convs', '-')}) / {r['kept_dense']} |")
     lines += ["", "FLOPs: torch.utils.flop_counter does not count the fused nn.LSTM kernel, so the dense tt_lstm "
               "model shows 0 (its input projection alone is 2 x 8 x 57600 x 1024 = 0.94 GFLOP per sample). "
               "\"kept dense\" layers are those the speed planner measured as not faster as TN (batch 32 ratio "
@@ -218,7 +232,7 @@ def render(data) -> str:
     for rep in data.get("reports", []):
         kept = [(row["name"], row["kept_dense"]) for row in rep["report"]["rows"] if row.get("kept_dense")]
         if kept:
-            lines.append(f"- {rep['model']} at {rep['ratio']:g}x: " + "; ".join(f"`{n}`: {w}" for n, w in kept[:6])
+            lines.append(f"- {rep['model']} at {rep['ratio']:g}x ({rep.get('layout', 'contiguous')}): " + "; ".join(f"`{n}`: {w}" for n, w in kept[:6])
                          + (f"; ... ({len(kept) - 6} more)" if len(kept) > 6 else ""))
     return "\n".join(lines) + "\n"
 
@@ -235,6 +249,8 @@ def main():
     ap.add_argument("--compile-only", action="store_true", help="only the torch.compile timings")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    ap.add_argument("--channels-last", action="store_true",
+                    help="dense and TN models in channels-last memory format (rows 'eval, channels_last')")
     ap.add_argument("--out", default=str(RESULTS / "speed_models.json"))
     args = ap.parse_args()
     if args.threads:
@@ -252,7 +268,9 @@ def main():
             done = {(r["mode"], r["batch"]) for r in rows}
             data["rows"] = [r for r in data["rows"] if not (r["model"] == name and r["ratio"] == ratio
                                                             and (r["mode"], r["batch"]) in done)] + rows
-            data["reports"] = [r for r in data["reports"] if not (r["model"] == name and r["ratio"] == ratio)] + [rep]
+            data["reports"] = [r for r in data["reports"] if not (r["model"] == name and r["ratio"] == ratio
+                                                                  and r.get("layout", "contiguous") == rep["layout"])]
+            data["reports"].append(rep)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(data, indent=1))
             out.with_suffix(".md").write_text(render(data))

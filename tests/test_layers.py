@@ -267,3 +267,32 @@ def test_every_public_layer_documents_its_arguments():
         assert doc.splitlines()[0] and "Args:" in doc, name
         args = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
         assert all(a in doc for a in args), (name, [a for a in args if a not in doc])
+
+
+@pytest.mark.parametrize("cls", CONV, ids=lambda c: c.__name__)
+def test_kernel_mode_in_is_exact_and_two_steps(cls):
+    """kernel_mode="in": modes (O, K*I), two cores, run as one kxk conv I -> r then a 1x1 conv; the
+    full-rank decomposition reproduces the dense conv (strided, padded, reflect-padded)."""
+    torch.manual_seed(0)
+    for kw in (dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=3, padding=1, padding_mode="reflect")):
+        dense = cls.dense_type(6, 8, **kw).to(D)
+        m = cls.from_dense(dense, rel_error=1e-12, kernel_mode="in")
+        assert m.kernel_mode == "in" and m.spec()["kernel_mode"] == "in"
+        assert cls._modes(m.spec()) == [8, 6 * 3 ** cls.dim] and len(m.cores) == 2
+        x = torch.randn(2, 6, *([7] * cls.dim), dtype=D)
+        torch.testing.assert_close(m.contract(x), dense(x), rtol=1e-9, atol=1e-10)
+        with torch.no_grad():
+            m.eval()
+            w_in, kernel, w_out = m._factors()
+            assert w_in is None and kernel.shape[1] == 6 and w_out.shape[0] == 8   # two steps, no 1x1 input stage
+            torch.testing.assert_close(m(x), dense(x), rtol=1e-9, atol=1e-10)
+        assert layer_from_spec(json.loads(json.dumps(m.spec()))).spec() == m.spec()
+    # rank r: r * (K*I + O) multiply-adds per output position instead of K*I*O
+    c = cls(64, 64, 3, padding=1, ranks=[2, 8, 2] if cls.format == "tr" else [1, 8, 1], kernel_mode="in")
+    shape = (32, 64) + (14,) * cls.dim
+    per_position = c.ranks[0] * 8 * (3 ** cls.dim * 64 + 64)
+    assert c.cost(shape)["contract"] == 2 * 32 * 14 ** cls.dim * per_position < c.dense_flops(shape)
+    with pytest.raises(ValueError, match="kernel_mode 'middle'; valid: \\('own', 'in'\\)"):
+        cls(6, 8, 3, ranks=2, kernel_mode="middle")
+    with pytest.raises(ValueError, match="kernel_mode='in' takes one input mode"):
+        cls(6, 8, 3, ranks=2, kernel_mode="in", in_factors=(2, 3))

@@ -1,4 +1,7 @@
 """Speed-related behaviour: contiguous conv weights, cached eval weights, the layout planner."""
+import copy
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,8 +153,8 @@ def _fake_costs(monkeypatch, fn):
     """Replace measured time ratios by fn(spec, shape); record the calls."""
     calls = []
 
-    def ratio(self, what, build, dense, shape, device, dtype):
-        calls.append((what["class"], tuple(shape)))
+    def ratio(self, what, build, dense, shape, device, dtype, channels_last=False):
+        calls.append((what["class"], tuple(shape)) + (("channels_last",) if channels_last else ()))
         return fn(what, shape)
     monkeypatch.setattr(cost.CostModel, "ratio", ratio)
     monkeypatch.setattr(cost.CostModel, "save", lambda self: None)
@@ -192,6 +195,60 @@ def test_planner_prefers_faster_aligned_ranks(monkeypatch):
     assert all(r % 8 == 0 or r < 8 for r in m.b.ranks), m.b.ranks
     dense = 64 * 64 * 9
     assert dense / 3 * cost.MIN_FILL <= sum(c.numel() for c in m.b.cores) <= dense / 3
+
+
+@pytest.mark.parametrize("faster", ["in", "own"])
+def test_planner_picks_the_faster_conv_layout_at_the_same_size(monkeypatch, tmp_path, faster):
+    _fake_costs(monkeypatch, lambda spec, shape: 0.4 if spec.get("kernel_mode", "own") == faster else 0.6)
+    m = _Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    cfg = tn_hf.TNConfig(compression_ratio=3.0, target_modules=["b"], allocation="uniform", plan_for_speed=True)
+    tn_hf.compress(m, cfg, progress=False)
+    assert m.b.kernel_mode == faster and (len(m.b.cores) == 2) == (faster == "in")
+    dense = 64 * 64 * 9
+    assert dense / 3 * cost.MIN_FILL <= sum(c.numel() for c in m.b.cores) <= dense / 3
+    # the layout travels with the checkpoint
+    tn_hf.save_pretrained(m, tmp_path / "ckpt")
+    back = tn_hf.from_pretrained(tmp_path / "ckpt", model_class=_Net)
+    assert back.b.kernel_mode == faster and back.b.spec() == m.b.spec()
+    torch.testing.assert_close(back(x), m(x), rtol=0, atol=0)
+    # a fixed layout is kept whatever the timings say
+    m2 = _Net().eval()
+    tn_hf.compress(m2, dataclasses.replace(cfg, kernel_mode="own"), progress=False)
+    assert m2.b.kernel_mode == "own" and len(m2.b.cores) == 5
+
+
+def test_planner_times_channels_last_models_in_channels_last(monkeypatch):
+    calls = _fake_costs(monkeypatch, lambda spec, shape: 0.5)
+    m = _Net().eval().to(memory_format=torch.channels_last)
+    tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, allocation="uniform", plan_for_speed=True), progress=False)
+    convs = [c for c in calls if c[0] == "TTConv2d"]
+    assert convs and all(c[-1] == "channels_last" for c in convs)
+    assert all(c[-1] != "channels_last" for c in calls if c[0] == "TTLinear")
+    calls.clear()
+    tn_hf.compress(_Net().eval(), tn_hf.TNConfig(compression_ratio=3.0, allocation="uniform", plan_for_speed=True),
+                   progress=False)
+    assert calls and not any(c[-1] == "channels_last" for c in calls)
+
+
+def test_admm_keeps_the_planned_conv_layout(monkeypatch):
+    from tn_hf import ADMMScheduler
+    _fake_costs(monkeypatch, lambda spec, shape: 0.4 if spec.get("kernel_mode") == "in" else 0.6)
+    torch.manual_seed(0)
+    m = _Net().eval()
+    cfg = tn_hf.TNConfig(compression_ratio=3.0, target_modules=["b"], allocation="uniform", plan_for_speed=True)
+    sched = ADMMScheduler(m, cfg)
+    (slot,) = sched.slots
+    assert slot.spec["kernel_mode"] == "in" and len(slot.ranks) == 3
+    fresh = copy.deepcopy(m)
+    sched.compress(m, progress=False)
+    assert m.b.kernel_mode == "in" and m.b.ranks == slot.ranks
+    # the config that reproduces ADMM's layers names the layout
+    again = sched.compress_config()
+    assert again.kernel_mode == {"b": "in"}
+    monkeypatch.undo()
+    tn_hf.compress(fresh, again, progress=False)
+    assert fresh.b.spec() == m.b.spec()
 
 
 def test_latency_budget_is_a_time_ratio(monkeypatch):

@@ -66,7 +66,7 @@ from .convert import compress
 from .decompositions import ranks_for_ratio
 from .layers import registry
 from .layers.base import normalize_ranks
-from .targeting import as_config, plan
+from .targeting import LAYOUT_KEYS, as_config, plan
 
 STATE_TENSORS = "admm_state.safetensors"
 STATE_JSON = "admm_state.json"
@@ -236,7 +236,9 @@ class ADMMScheduler:
     def _pin(self):
         """Record the ranks on the model: plan(model, same config) then uses them (one set of ranks)."""
         leaf = {s.target: list(s.ranks) for s in self.slots if s.name == s.target}
-        self.model.tn_hf_pinned_ranks = {"config": self.config.to_dict(), "ranks": leaf}
+        layout = {s.target: {k: s.spec[k] for k in LAYOUT_KEYS if k in s.spec}
+                  for s in self.slots if s.name == s.target}
+        self.model.tn_hf_pinned_ranks = {"config": self.config.to_dict(), "ranks": leaf, "layout": layout}
 
     # ------------------------------------------------------------------ targets
     def _slots_for(self, t) -> list[_Slot]:
@@ -481,6 +483,10 @@ class ADMMScheduler:
                 ranks[s.target] = max(ranks.get(s.target, 1), max(s.ranks[1:-1] or [1]))
         d = self.config.to_dict()
         d.update(ranks=ranks, compression_ratio=None, rel_error=None, target_modules=list(ranks))
+        modes = {s.target: s.spec.get("kernel_mode", "own") for s in self.slots
+                 if s.name == s.target and getattr(s.cls, "kernel_modes", None)}
+        if modes:  # the conv layouts the plan chose
+            d.update(kernel_mode=modes)
         return TNConfig.from_dict(d)
 
     def compress(self, model: nn.Module | None = None, *, progress: bool = True):

@@ -10,6 +10,7 @@ FORMATS = ("tt", "tr", "tucker")
 LAYER_TYPES = ("linear", "conv", "lstm", "gru")
 BUDGETS = ("params", "flops", "latency")
 ALLOCATIONS = ("global", "uniform")
+KERNEL_MODES = ("own", "in", "auto")
 
 
 @dataclass
@@ -42,6 +43,12 @@ class TNConfig:
     ranks are chosen by measured time among forms of the layer's size, and a layer whose TN
     form is not faster than dense stays dense too.
 
+    ``kernel_mode`` (TT/TR convolutions with a kernel larger than 1): where the kernel mode sits.
+    "own": a core of its own between the output- and input-channel cores (the ADMM-TT paper's
+    layout; run as 1x1 -> kxk -> 1x1); "in": one mode with the input channels (two cores, run as
+    kxk -> 1x1: fewer passes over the activations); "auto" (default): "own", and with measured
+    planning the faster of the two at the layer's size; or ``{module name: "own" | "in"}``.
+
     ``target_modules`` / ``exclude_modules`` take exact module names or regexes (a pattern
     matches when ``re.fullmatch`` does, or when the name equals it or ends with ``.pattern``).
     """
@@ -66,6 +73,7 @@ class TNConfig:
     adaptive_reshape: bool = False     # tucker: ADA-Tucker's per-layer choice of order and dimensions
     shared_core: bool = False          # tucker: SCADA-Tucker's one core for all layers
     plan_for_speed: bool = False       # measured rank choice; layers not faster as TN stay dense
+    kernel_mode: str | dict[str, str] = "auto"  # TT/TR convs: "own", "in", "auto" or {module name: mode}
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -106,6 +114,11 @@ class TNConfig:
         if self.shared_core and not isinstance(self.ranks, int):
             raise ValueError(f"TNConfig.shared_core=True needs one int rank (ranks=int, the core size per mode); "
                              f"got ranks={self.ranks!r}")
+        modes = self.kernel_mode.values() if isinstance(self.kernel_mode, dict) else [self.kernel_mode]
+        bad = [m for m in modes if m not in KERNEL_MODES or (isinstance(self.kernel_mode, dict) and m == "auto")]
+        if bad:
+            raise ValueError(f"TNConfig.kernel_mode={self.kernel_mode!r}: valid choices are {KERNEL_MODES} "
+                             "(or {module name: 'own' | 'in'})")
         if self.n_modes is not None and self.n_modes < 1:
             raise ValueError(f"TNConfig.n_modes={self.n_modes}: must be >= 1")
 

@@ -50,6 +50,8 @@ def _decompose(t, config) -> TNLayer:
         kw.update(ranks=r if r is not None else config.ranks, n_modes=config.n_modes)
     else:  # planned ranks and factors
         kw.update(ranks=t.spec["ranks"], in_factors=t.spec.get("in_factors"), out_factors=t.spec.get("out_factors"))
+    if "kernel_mode" in t.spec:  # the conv layout the plan chose
+        kw["kernel_mode"] = t.spec["kernel_mode"]
     p = next(t.module.parameters())
     src = t.module if p.dtype in (torch.float32, torch.float64) else copy.deepcopy(t.module).float()
     with torch.no_grad():

@@ -8,15 +8,16 @@ or ``budget="latency"`` the choice is also *measured*, as below.
 
 Cost model. The cost of a form is its eval forward time (``torch.no_grad``, merged cores
 cached, see ``TNLayer.cached``) over that of the dense layer, at the input shape the layer sees
-in the model, on the machine it runs on, at the batch sizes ``PLAN_BATCHES`` = (1, 32). Input
-shapes come from one probe forward (``report.probe``: models that declare
-``pretrained_cfg["input_size"]``, as timm models do). Dense and TN are timed alternately (fastest
-of repeats after warm-up, ``measure_pair``) and the ratio is cached in ``$TN_HF_CACHE/cost.json``
-(default ``~/.cache/tn_hf``), keyed by the form's spec, the dense module, the input shape,
-device name, dtype, thread count, torch version and a hash of the layers' source: a machine
-pays once per layer shape. Where the input shape is unknown (no probe) nothing is timed and
-the deterministic rule alone applies. Under torch.distributed every process adopts process
-0's plan.
+in the model, in the memory format it sees (channels-last when the model was converted with
+``model.to(memory_format=torch.channels_last)`` before ``compress``), on the machine it runs on,
+at the batch sizes ``PLAN_BATCHES`` = (1, 32). Input shapes and formats come from one probe
+forward (``report.probe``: models that declare ``pretrained_cfg["input_size"]``, as timm models
+do). Dense and TN are timed alternately (fastest of repeats after warm-up, ``measure_pair``) and
+the ratio is cached in ``$TN_HF_CACHE/cost.json`` (default ``~/.cache/tn_hf``), keyed by the
+form's spec, the dense module, the input shape and format, device name, dtype, thread count,
+torch version and a hash of the layers' source: a machine pays once per layer shape. Where the
+input shape is unknown (no probe) nothing is timed and the deterministic rule alone applies.
+Under torch.distributed every process adopts process 0's plan.
 
 Candidates. With ``budget="params"`` / ``"flops"`` the rank allocation fixes each layer's
 parameter budget ``P`` (its TN params at the allocated ranks). The candidates are the
@@ -26,8 +27,11 @@ params are in [``MIN_FILL * P``, ``P``]: kernels run markedly faster at aligned 
 counts (a 3x3 conv 96 -> 96 channels at 14x14 took half the time of 102 -> 102 here). The
 tensorization is the layer class's default (TTLinear: the two-core low-rank form, the TT-matrix
 layout of least FLOPs per parameter; TT conv: out-channel cores, kernel core, in-channel cores,
-run as 1x1 -> kxk -> 1x1), so planned ranks stay valid for ADMM and for configs that pin ranks.
-The candidate of least mean time ratio over the planning batches wins.
+run as 1x1 -> kxk -> 1x1), and for TT/TR convs with ``TNConfig(kernel_mode="auto")`` also the
+two-core layout ``kernel_mode="in"`` (run as kxk -> 1x1) at the same ``P``: one pass less over
+the activations, which is what memory-bound layers (large maps, few channels) pay for. The
+candidate of least mean time ratio over the planning batches wins; the chosen layout is part of
+the spec (checkpoints, ADMM's pinned ranks and ``ADMMScheduler.compress_config`` carry it).
 
 Keep dense (measured). A target also stays dense when its best form is not faster: time ratio
 >= ``KEEP_BELOW[b]`` at a planning batch b (0.9 at batch 32, 1.0 at batch 1). The parameters of
@@ -126,11 +130,12 @@ class CostModel:
                "torch": torch.__version__, "code": _code_version()}
         return json.dumps({"layer": what, "shape": list(shape), "env": env}, sort_keys=True)
 
-    def ratio(self, what: dict, build, dense: nn.Module, shape, device, dtype) -> float:
-        """Median eval time of ``build()`` over that of ``dense`` at ``shape``, timed alternately (cached)."""
-        k = self.key({"tn": what, "dense": _dense_key(dense)}, shape, device, dtype)
+    def ratio(self, what: dict, build, dense: nn.Module, shape, device, dtype, channels_last: bool = False) -> float:
+        """Eval time of ``build()`` over that of ``dense`` at ``shape``, timed alternately (cached)."""
+        key = {"tn": what, "dense": _dense_key(dense), **({"channels_last": True} if channels_last else {})}
+        k = self.key(key, shape, device, dtype)
         if k not in self.table:
-            t_tn, t_dense = measure_pair([build(), dense], shape, device, dtype)
+            t_tn, t_dense = measure_pair([build(), dense], shape, device, dtype, channels_last=channels_last)
             self.table[k] = t_tn / t_dense
             self.dirty = True
         return self.table[k]
@@ -148,12 +153,16 @@ class CostModel:
         self.dirty = False
 
 
-def measure_pair(modules, shape, device, dtype, min_reps: int = 7, max_reps: int = 400) -> list[float]:
-    """Fastest seconds of ``m(x)`` for each module (eval, no_grad, x ~ N(0, 1) of ``shape``), the
-    modules timed in turn within each repeat so that machine load affects them alike; the minimum
-    over repeats is the estimate least disturbed by other processes."""
+def measure_pair(modules, shape, device, dtype, min_reps: int = 7, max_reps: int = 400, *,
+                 channels_last: bool = False) -> list[float]:
+    """Fastest seconds of ``m(x)`` for each module (eval, no_grad, x ~ N(0, 1) of ``shape``, in
+    channels-last memory format if asked), the modules timed in turn within each repeat so that
+    machine load affects them alike; the minimum over repeats is the estimate least disturbed by
+    other processes."""
     device = torch.device(device)
     x = torch.randn(*shape, device=device, dtype=dtype)
+    if channels_last and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     was = [m.training for m in modules]
     times: list[list[float]] = [[] for _ in modules]
     try:
@@ -252,8 +261,8 @@ def _dense_key(module: nn.Module) -> dict:
 class _Eval:
     """Time ratios TN / dense of candidates, for one target at its planning shapes."""
 
-    def __init__(self, cm: CostModel, target, shapes):
-        self.cm, self.t, self.shapes = cm, target, shapes
+    def __init__(self, cm: CostModel, target, shapes, channels_last: bool = False):
+        self.cm, self.t, self.shapes, self.channels_last = cm, target, shapes, channels_last
         p = next(target.module.parameters())
         self.device, self.dtype = p.device, p.dtype
 
@@ -262,7 +271,7 @@ class _Eval:
         def build():
             with torch.device(self.device):
                 return layer_from_spec(spec).to(dtype=self.dtype)
-        return {b: self.cm.ratio(spec, build, self.t.module, s, self.device, self.dtype)
+        return {b: self.cm.ratio(spec, build, self.t.module, s, self.device, self.dtype, self.channels_last)
                 for b, s in self.shapes.items()}
 
 
@@ -286,6 +295,16 @@ def _passes(r: dict[int, float]) -> bool:
 
 def _fmt_ratios(r: dict[int, float]) -> str:
     return ", ".join(f"{v:.2f}x dense time at batch {b}" for b, v in sorted(r.items(), reverse=True))
+
+
+def _dense_params(t) -> int:
+    return sum(w.numel() for w in t.cls.dense_weights(t.module).values())
+
+
+def _may_switch_layout(t, config) -> bool:
+    """Measured planning compares both conv layouts (``TNConfig.kernel_mode``) for "auto" targets."""
+    return (config.kernel_mode == "auto" and bool(getattr(t.cls, "kernel_modes", None))
+            and t.spec.get("kernel_mode", "own") == "own")
 
 
 def _check_size(cls, spec, module, shape) -> str | None:
@@ -375,14 +394,21 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
     out = []
     for t in tqdm(targets, desc="tn_hf plan (measuring)", disable=not progress):
         composite = getattr(t.cls, "composite", False)
-        shapes = plan_shapes(t.module, probed.get(t.name, (None,))[0])
-        ev = _Eval(cm, t, shapes) if (shapes and measured) else None
+        seen = probed.get(t.name)
+        shapes = plan_shapes(t.module, seen.shape if seen else None)
+        ev = _Eval(cm, t, shapes, bool(seen and seen.channels_last)) if (shapes and measured) else None
         shape1 = shapes[1] if shapes else None
 
         def cands(q=None, t=t, composite=composite):
             base = spec_at_ratio(t.cls, t.spec, q if q is not None else ratio) \
                 if (composite or q is not None) else t.spec
-            return [base] if composite else aligned_variants(t.cls, base)
+            if composite:
+                return [base]
+            out = aligned_variants(t.cls, base)
+            if ev is not None and _may_switch_layout(t, config):  # the other conv layout, same size
+                alt = t.cls.dense_spec(t.module, kernel_mode="in", n_modes=config.n_modes)
+                out += aligned_variants(t.cls, spec_at_ratio(t.cls, alt, _dense_params(t) / _params(base)))
+            return out
 
         if not latency:
             spec, r, why = _choose(ev, t.cls, cands(), t.module, shape1)
@@ -391,7 +417,7 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
         else:
             spec, r, why = _latency(ev, t, cands, ratio, shape1)
         if why is not None and ev is None:  # size rule only: smaller ranks until the TN form is smaller
-            dense = sum(w.numel() for w in t.cls.dense_weights(t.module).values())
+            dense = _dense_params(t)
             now = ratio if composite else dense / max(1, _params(cands()[0]))
             for q in (q for q in LATENCY_GRID if q > now):
                 s2 = cands(q)[0]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -179,12 +179,28 @@ def _default_input(model) -> torch.Tensor | None:
     if not size:
         return None
     p = next(model.parameters(), None)
-    return torch.zeros(1, *size, device=p.device if p is not None else "cpu",
-                       dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+    x = torch.zeros(1, *size, device=p.device if p is not None else "cpu",
+                    dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
+    if any(_is_channels_last(w) for w in model.parameters() if w.dim() == x.dim()):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
 
 
-def probe(model, names: list[str]) -> dict[str, tuple[tuple, int]]:
-    """{name: (input shape, output positions per sample)} from one forward on a zero input."""
+class Probed(NamedTuple):
+    """What one named module sees in the probe forward (batch 1)."""
+    shape: tuple          # input shape
+    positions: int        # output positions per sample (spatial size for convs, tokens otherwise)
+    channels_last: bool   # the input is a channels-last 4-d/5-d tensor (the model runs channels-last)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+
+
+def probe(model, names: list[str]) -> dict[str, Probed]:
+    """{name: Probed} from one forward on a zero input (in the model's memory format: channels-last
+    when the model's first 4-d/5-d weight is)."""
     x = _default_input(model)
     if x is None:
         return {}
@@ -196,7 +212,8 @@ def probe(model, names: list[str]) -> dict[str, tuple[tuple, int]]:
             if not (inp and torch.is_tensor(inp[0]) and torch.is_tensor(o)):
                 return
             conv = isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
-            out[name] = (tuple(inp[0].shape), int(math.prod(o.shape[2:]) if conv else o.numel() // o.shape[-1]))
+            out[name] = Probed(tuple(inp[0].shape), int(math.prod(o.shape[2:]) if conv else o.numel() // o.shape[-1]),
+                               _is_channels_last(inp[0]))
         hooks.append(model.get_submodule(name).register_forward_hook(hook))
     was_training = model.training
     try:

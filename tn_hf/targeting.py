@@ -34,6 +34,9 @@ _HEAD_NAMES = ("classifier", "head", "heads", "lm_head", "score")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
+LAYOUT_KEYS = ("in_factors", "out_factors", "kernel_mode")  # a spec's tensorization (the ranks apart)
+
+
 @dataclass
 class Target:
     """One module to compress: its name, the module, the TN class replacing it and its spec."""
@@ -183,6 +186,8 @@ def plan(model: nn.Module, config) -> list[Target]:
         elif config.ranks is not None:
             ranks = config.ranks
         kw = {"compress_hidden": config.compress_hidden} if cls.composite else {}
+        if getattr(cls, "kernel_modes", None):
+            kw["kernel_mode"] = kernel_mode_for(config, name)
         try:
             spec = cls.dense_spec(module, ranks=ranks, n_modes=config.n_modes, **kw)
             if ranks is not None:
@@ -201,7 +206,8 @@ def plan(model: nn.Module, config) -> list[Target]:
     if config.compression_ratio is not None and isinstance(pinned, dict) and pinned.get("config") == config.to_dict():
         for t in targets:
             if t.name in pinned["ranks"]:
-                t.spec = dict(t.spec, ranks=list(pinned["ranks"][t.name]))
+                layout = (pinned.get("layout") or {}).get(t.name, {})
+                t.spec = dict(t.spec, **layout, ranks=list(pinned["ranks"][t.name]))
     elif config.format == "tucker":  # per-layer ranks / ADA reshaping / shared core (layers.tucker)
         plan_tucker(targets, config)
     elif config.compression_ratio is not None and targets:
@@ -209,6 +215,15 @@ def plan(model: nn.Module, config) -> list[Target]:
             _allocate(model, targets, config)
         targets = plan_for_speed(model, targets, config, allocate=_allocate)  # keeps dense what is not smaller
     return targets
+
+
+def kernel_mode_for(config: TNConfig, name: str) -> str:
+    """The conv layout a target starts from: config.kernel_mode for it ("auto" starts as "own";
+    measured planning may switch it, tn_hf.cost)."""
+    mode = config.kernel_mode
+    if isinstance(mode, dict):
+        mode = next((m for k, m in mode.items() if matches(name, k)), "own")
+    return "own" if mode == "auto" else mode
 
 
 def leaf_specs(cls, spec: dict) -> dict[str, dict]:

@@ -48,6 +48,8 @@ def canonical(t: torch.Tensor) -> torch.Tensor:
 
 def chain_flops(modes, ranks) -> int:
     """Multiply-add FLOPs (x2) of ``chain`` for cores with these modes and ranks."""
+    if not modes:
+        return 0
     f, n = 0, ranks[0] * modes[0]
     for k in range(1, len(modes)):
         f += 2 * n * ranks[k] * modes[k] * ranks[k + 1]
@@ -247,17 +249,27 @@ class TNLayer(nn.Module):
         ``_version`` counter, which in-place updates bump (optimizer steps, ``load_state_dict``,
         ``copy_``), and ``.to()`` moves; ``train()`` / ``eval()`` drop the cache too. While
         autograd records (training) or under ``torch.compile`` nothing is cached."""
-        cores = self.cores
+        return self._memo(self._store(), name, fn)
+
+    def _store(self) -> dict | None:
+        """The cache dict valid for the cores as they are now, or None while not caching (``cached``).
+        A forward takes it once and reads several entries from it (path, merged factors)."""
         if not self.caching():
-            return fn()
+            return None
         key = (torch.is_inference_mode_enabled(),) + tuple((c.data_ptr(), c._version, c.dtype, c.device)
-                                                            for c in cores)
+                                                            for c in self.cores)
         cache = self.__dict__.get("_tn_cache")
         if cache is None or cache[0] != key:
             cache = self.__dict__["_tn_cache"] = (key, {})
-        if name not in cache[1]:
-            cache[1][name] = fn()
-        return cache[1][name]
+        return cache[1]
+
+    @staticmethod
+    def _memo(store: dict | None, name, fn):
+        if store is None:
+            return fn()
+        if name not in store:
+            store[name] = fn()
+        return store[name]
 
     def caching(self) -> bool:
         """Whether ``cached`` keeps results now (no autograd recording, not compiling)."""
@@ -312,8 +324,11 @@ class TNLayer(nn.Module):
 
     @classmethod
     def from_dense(cls, module, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
-                   in_factors=None, out_factors=None, n_modes=None):
-        spec = cls.dense_spec(module, ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
+                   in_factors=None, out_factors=None, n_modes=None, **layout):
+        """A layer decomposed from ``module``'s weight; ``layout``: class-specific tensorization
+        options passed to ``dense_spec`` (e.g. ``kernel_mode`` of the convolutions)."""
+        spec = cls.dense_spec(module, ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes,
+                              **layout)
         w = module.weight
         spec, cores = cls.decompose_weight(w, spec, ranks=ranks, max_rank=max_rank, rel_error=rel_error,
                                            compression_ratio=compression_ratio)

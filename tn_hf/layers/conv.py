@@ -3,6 +3,9 @@
 Tensorization (ADMM-TT layout): W (O, I, *kernel) -> modes (o1..op, K, i1..iq), K = prod(kernel):
 output-channel cores, then one kernel core, then input-channel cores. Core shapes
 (r[k-1], n[k], r[k]); for TR the ring rank r[0] == r[d] closes the chain.
+``kernel_mode="in"`` puts the kernel mode in the input core instead: modes (o1..op, K*I), the
+last core (r_a, K*I, A) being a small conv I -> r_a per ring index (two steps, no separate
+1x1 input stage: fewer passes over the activations, which is what memory-bound layers pay for).
 
 Factorized forward (a sequence of 1x1 convs around one small conv; merged factors cached in eval):
   1. input cores merged to U (r_b, I, A) -> 1x1 conv I -> A*r_b channels (ring index a folded
@@ -10,7 +13,8 @@ Factorized forward (a sequence of 1x1 convs around one small conv; merged factor
   2. kernel core (r_a, K, r_b) -> conv with the layer's kernel/stride/padding/dilation,
      A*r_b -> A*r_a channels, groups=A (the same small kernel for each ring index)
   3. output cores merged to V (A, O, r_a) -> 1x1 conv A*r_a -> O channels (sums the ring), + bias.
-For a 1x1 kernel, steps 1-2 merge into one (strided) 1x1 conv I -> A*r_a.
+For a 1x1 kernel, steps 1-2 merge into one (strided) 1x1 conv I -> A*r_a; with kernel_mode="in"
+steps 1-2 are one conv I -> A*r_a with the layer's kernel (the last core).
 Padding is applied only in step 2: 1x1 maps are pointwise linear, so they commute with
 zero/reflect/replicate/circular padding. The alternative path rebuilds W and calls F.convNd;
 the cheaper one (FLOP estimate for the given input size) is used.
@@ -28,6 +32,7 @@ from .base import TNLayer, canonical, chain, chain_flops, check_factors, default
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+KERNEL_MODES = ("own", "in")
 
 
 def _tuple(v, n, what, where):
@@ -41,6 +46,7 @@ def _tuple(v, n, what, where):
 
 class _TNConv(TNLayer):
     dim: int = 2
+    kernel_modes = KERNEL_MODES
     _args_doc = """Args:
     in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode: as
         in ``nn.ConvNd`` (padding: ints, 'same' (stride 1) or 'valid'; padding_mode: zeros,
@@ -52,6 +58,8 @@ class _TNConv(TNLayer):
     in_factors, out_factors: factorisations of in_channels / out_channels into modes (the
         product must be the channel count). Default: ``n_modes`` balanced modes per side.
     n_modes: number of modes per side when no factors are given (default 2).
+    kernel_mode: "own" (default: the kernel mode is a core of its own between the channel cores)
+        or "in" (the kernel mode and the input channels form one mode: two steps, conv then 1x1).
 """
 
     def __init_subclass__(cls, **kw):
@@ -59,11 +67,12 @@ class _TNConv(TNLayer):
         super().__init_subclass__(**kw)
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
-                 bias=True, padding_mode="zeros", *, ranks, in_factors=None, out_factors=None, n_modes=None):
+                 bias=True, padding_mode="zeros", *, ranks, in_factors=None, out_factors=None, n_modes=None,
+                 kernel_mode="own"):
         super().__init__()
         spec = type(self).dense_spec_from_args(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
+            ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes, kernel_mode=kernel_mode)
         spec["ranks"] = self._spec_ranks(spec, ranks)
         self._spec = spec
         self.in_channels, self.out_channels = spec["in_channels"], spec["out_channels"]
@@ -71,6 +80,7 @@ class _TNConv(TNLayer):
         self.padding = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
         self.dilation, self.groups, self.padding_mode = tuple(spec["dilation"]), 1, spec["padding_mode"]
         self.in_factors, self.out_factors = tuple(spec["in_factors"]), tuple(spec["out_factors"])
+        self.kernel_mode = spec.get("kernel_mode", "own")
         fan_in = self.in_channels * math.prod(self.kernel_size)
         self._init_cores(spec, 1.0 / (3 * fan_in))  # = nn.ConvNd default (kaiming_uniform a=sqrt(5))
         if bias:
@@ -85,7 +95,7 @@ class _TNConv(TNLayer):
     @classmethod
     def dense_spec_from_args(cls, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                              groups=1, bias=True, padding_mode="zeros", *, ranks=None, in_factors=None,
-                             out_factors=None, n_modes=None):
+                             out_factors=None, n_modes=None, kernel_mode="own"):
         n = cls.dim
         where = f"{cls.__name__}({in_channels}->{out_channels}, kernel={kernel_size})"
         if groups != 1:
@@ -102,27 +112,37 @@ class _TNConv(TNLayer):
             pad = padding
         else:
             pad = list(_tuple(padding, n, "padding", where))
+        if kernel_mode not in KERNEL_MODES:
+            raise ValueError(f"{where}: kernel_mode {kernel_mode!r}; valid: {KERNEL_MODES}")
+        if kernel_mode == "in":  # one mode K*I: the input channels are not factorized
+            if in_factors is not None and len(in_factors) != 1:
+                raise ValueError(f"{where}: kernel_mode='in' takes one input mode, got in_factors={in_factors}")
+            in_factors = [in_channels]
+            if out_factors is None and n_modes is None:  # two cores: a rank-r (O, K*I) matrix
+                out_factors = [out_channels]
         d_in = len(in_factors) if in_factors is not None else (n_modes or 2)
         d_out = len(out_factors) if out_factors is not None else (n_modes or 2)
         fi = check_factors(in_factors, in_channels, "in_factors", where) if in_factors is not None \
             else default_factors(in_channels, d_in)
         fo = check_factors(out_factors, out_channels, "out_factors", where) if out_factors is not None \
             else default_factors(out_channels, d_out)
-        return cls._norm_ranks({
-            "class": cls.__name__, "format": cls.format, "in_channels": int(in_channels),
-            "out_channels": int(out_channels), "kernel_size": list(ks), "stride": list(st), "padding": pad,
-            "dilation": list(_tuple(dilation, n, "dilation", where)), "groups": 1, "bias": bool(bias),
-            "padding_mode": padding_mode, "in_factors": list(fi), "out_factors": list(fo), "ranks": ranks})
+        spec = {"class": cls.__name__, "format": cls.format, "in_channels": int(in_channels),
+                "out_channels": int(out_channels), "kernel_size": list(ks), "stride": list(st), "padding": pad,
+                "dilation": list(_tuple(dilation, n, "dilation", where)), "groups": 1, "bias": bool(bias),
+                "padding_mode": padding_mode, "in_factors": list(fi), "out_factors": list(fo), "ranks": ranks}
+        if kernel_mode != "own":  # only the non-default layout is written (older specs stay valid)
+            spec["kernel_mode"] = kernel_mode
+        return cls._norm_ranks(spec)
 
     @classmethod
-    def dense_spec(cls, module, *, ranks=None, in_factors=None, out_factors=None, n_modes=None):
+    def dense_spec(cls, module, *, ranks=None, in_factors=None, out_factors=None, n_modes=None, kernel_mode="own"):
         dense = _DENSE[cls.dim]
         if type(module) is not dense and not isinstance(module, dense):
             raise ValueError(f"{cls.__name__}.dense_spec: expected {dense.__name__}, got {type(module).__name__}")
         return cls.dense_spec_from_args(
             module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
             module.dilation, module.groups, module.bias is not None, module.padding_mode,
-            ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes)
+            ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes, kernel_mode=kernel_mode)
 
     @classmethod
     def _where(cls, spec):
@@ -130,7 +150,10 @@ class _TNConv(TNLayer):
 
     @staticmethod
     def _modes(spec):
-        return [*spec["out_factors"], math.prod(spec["kernel_size"]), *spec["in_factors"]]
+        k = math.prod(spec["kernel_size"])
+        if spec.get("kernel_mode") == "in":
+            return [*spec["out_factors"], k * spec["in_channels"]]
+        return [*spec["out_factors"], k, *spec["in_factors"]]
 
     @classmethod
     def tensorize(cls, weight, spec):
@@ -148,7 +171,8 @@ class _TNConv(TNLayer):
     def _from_spec(cls, spec):
         return cls(spec["in_channels"], spec["out_channels"], spec["kernel_size"], spec["stride"], spec["padding"],
                    spec["dilation"], spec.get("groups", 1), spec.get("bias", True), spec.get("padding_mode", "zeros"),
-                   ranks=spec["ranks"], in_factors=spec["in_factors"], out_factors=spec["out_factors"])
+                   ranks=spec["ranks"], in_factors=spec["in_factors"], out_factors=spec["out_factors"],
+                   kernel_mode=spec.get("kernel_mode", "own"))
 
     # --------------------------------------------------------------------- forward
     def _padding_plan(self):
@@ -186,9 +210,12 @@ class _TNConv(TNLayer):
         b, spatial = math.prod(input_shape[:-self.dim - 1]), input_shape[-self.dim:]
         hw_in, hw_out = math.prod(spatial), math.prod(self._out_spatial(spatial))
         r, modes, p = self.ranks, self._modes(self._spec), len(self.out_factors)
-        a, ra, rb, k = r[0], r[p], r[p + 1], modes[p]
+        a, ra, rb, k = r[0], r[p], r[p + 1], math.prod(self.kernel_size)
         merge = chain_flops(modes[:p], r[:p + 1]) + chain_flops(modes[p + 1:], r[p + 1:])
-        if k == 1:  # kernel core merged into the input factor: one strided 1x1 conv I -> A*r_a
+        if self.kernel_mode == "in":  # conv I -> A*r_a with the last core, then 1x1 A*r_a -> O
+            tn = {"merge": merge, "in": 0, "kernel": 2 * b * hw_out * self.in_channels * a * ra * k,
+                  "out": 2 * b * hw_out * a * ra * self.out_channels}
+        elif k == 1:  # kernel core merged into the input factor: one strided 1x1 conv I -> A*r_a
             tn = {"merge": merge + 2 * a * ra * rb * self.in_channels, "in": 2 * b * hw_out * self.in_channels * a * ra,
                   "kernel": 0, "out": 2 * b * hw_out * a * ra * self.out_channels}
         else:
@@ -215,31 +242,37 @@ class _TNConv(TNLayer):
 
     def _factors(self):
         """The three small weights of the factorized path, merged from the cores:
-        w_in (A*r_b, I), kernel (A*r_a, r_b, *k) and w_out (O, A*r_a), all row-major."""
+        w_in (A*r_b, I), kernel (A*r_a, r_b, *k) and w_out (O, A*r_a), all row-major (w_in None
+        for kernel_mode "in": kernel (A*r_a, I, *k); kernel None for a 1x1 kernel)."""
         outs, kcore, ins = self._split()
         a = self.cores[0].shape[0]
+        v = chain(outs)                                   # (A, O, r_a)
+        ra = kcore.shape[0]
+        w_out = canonical(v.permute(1, 0, 2).reshape(self.out_channels, a * ra))
+        if self.kernel_mode == "in":  # last core (r_a, K*I, A) -> conv weight (A*r_a, I, *k)
+            kw = kcore.reshape(ra, -1, self.in_channels, a).permute(3, 0, 2, 1)
+            return None, canonical(kw.reshape(a * ra, self.in_channels, *self.kernel_size)), w_out
         u = chain(ins)                                    # (r_b, I, A)
         rb = u.shape[0]
         w_in = u.permute(2, 0, 1).reshape(a * rb, self.in_channels)
-        ra = kcore.shape[0]
         kw = kcore.permute(0, 2, 1).reshape(ra, rb, *self.kernel_size)
         if a > 1:
             kw = kw.repeat(a, *([1] * (self.dim + 1)))
-        v = chain(outs)                                   # (A, O, r_a)
-        w_out = v.permute(1, 0, 2).reshape(self.out_channels, a * ra)
         if math.prod(self.kernel_size) == 1:  # 1x1 kernel: a (r_a, r_b) matrix per ring index, merged into w_in
             kmat = kcore.reshape(ra, rb)
             w_in = torch.block_diag(*([kmat] * a)) @ w_in if a > 1 else kmat @ w_in   # (A*r_a, I)
-            return canonical(w_in), None, canonical(w_out)
-        return canonical(w_in), canonical(kw), canonical(w_out)
+            return canonical(w_in), None, w_out
+        return canonical(w_in), canonical(kw), w_out
 
-    def _factorized(self, x):
+    def _factorized(self, x, store=None):
         unbatched = x.dim() == self.dim + 1
         if unbatched:
             x = x.unsqueeze(0)
-        w_in, kw, w_out = self.cached("factors", self._factors)
+        w_in, kw, w_out = self._memo(self._store() if store is None else store, "factors", self._factors)
         a = self.cores[0].shape[0]
-        if kw is None:  # 1x1 kernel: strided 1x1 conv I -> A*r_a (kernel core merged in)
+        if w_in is None:  # kernel_mode "in": one conv I -> A*r_a with the layer's kernel
+            y = _CONV_FN[self.dim](self._pad_input(x), kw, None, self.stride, self._conv_padding, self.dilation)
+        elif kw is None:  # 1x1 kernel: strided 1x1 conv I -> A*r_a (kernel core merged in)
             w = w_in.view(*w_in.shape, *([1] * self.dim))
             y = _CONV_FN[self.dim](self._pad_input(x), w, None, self.stride, self._conv_padding, self.dilation)
         else:
@@ -252,11 +285,12 @@ class _TNConv(TNLayer):
         if x.shape[-self.dim - 1] != self.in_channels:
             raise ValueError(f"{self._where(self._spec)}: input {tuple(x.shape)} has {x.shape[-self.dim - 1]} "
                              f"channels, expected {self.in_channels}")
-        if self.use_dense_path(tuple(x.shape)):
-            w = self.cached("weight", lambda: canonical(self.weight))
+        store, shape = self._store(), tuple(x.shape)
+        if self._memo(store, ("path", shape), lambda: self.use_dense_path(shape)):
+            w = self._memo(store, "weight", lambda: canonical(self.weight))
             return _CONV_FN[self.dim](self._pad_input(x), w, self.bias, self.stride,
                                       self._conv_padding, self.dilation)
-        return self._factorized(x)
+        return self._factorized(x, store)
 
     # -------------------------------------------------------------------- helpers
     def to_dense(self):
@@ -288,7 +322,8 @@ class _TNConv(TNLayer):
 
     def _shape_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, in_factors={self.in_factors}, out_factors={self.out_factors}")
+                f"padding={self.padding}, in_factors={self.in_factors}, out_factors={self.out_factors}"
+                + (f", kernel_mode={self.kernel_mode!r}" if self.kernel_mode != "own" else ""))
 
 
 class TTConv1d(_TNConv):

@@ -225,10 +225,11 @@ class _TNLinear(_LinearLayer):
 
     def forward(self, x):
         self._check_input(x)
-        if self.use_dense_path(math.prod(x.shape[:-1])):
-            return F.linear(x, self.cached("weight", lambda: self.weight), self.bias)
+        store, n = self._store(), math.prod(x.shape[:-1])
+        if self._memo(store, ("path", n), lambda: self.use_dense_path(n)):
+            return F.linear(x, self._memo(store, "weight", lambda: self.weight), self.bias)
         if self.low_rank:
-            a, b = self.cached("low_rank", self._low_rank_factors)
+            a, b = self._memo(store, "low_rank", self._low_rank_factors)
             return F.linear(F.linear(x, a), b, self.bias)
         return self.contract(x)
 
