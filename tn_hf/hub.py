@@ -101,18 +101,22 @@ def save_pretrained(model: nn.Module, save_directory, *, model_args: dict | None
 
 def _mixin_init_args(model) -> dict:
     """The constructor kwargs huggingface_hub's ``PyTorchModelHubMixin`` recorded on ``model`` ({} for
-    other models); they go to the top level of config.json, where the mixin's from_pretrained reads them."""
+    other models); they go to the top level of config.json, where the mixin's from_pretrained reads them.
+    tn_hf's own keys are left out (a model the mixin loaded may have recorded the whole config.json)."""
     args = getattr(model, "_hub_mixin_config", None)
-    if args is None:
-        return {}
     if dataclasses.is_dataclass(args):
         args = dataclasses.asdict(args)
-    clash = sorted(set(args) & {"tn_hf", "model_args", "model_class"}) if isinstance(args, dict) else None
-    if clash is None or clash:
-        raise ValueError(f"save_pretrained: {type(model).__name__}'s PyTorchModelHubMixin config must be an object "
-                         "without the keys tn_hf writes to config.json (valid: any key but tn_hf, model_args, "
-                         f"model_class); got {type(args).__name__} {clash or ''}")
-    return args
+    if not isinstance(args, dict):
+        return {}
+    clash = sorted(set(_TORCH_KEYS) & set(getattr(type(model), "_hub_mixin_init_parameters", None) or ()))
+    if clash:
+        raise ValueError(f"save_pretrained: {type(model).__name__}.__init__ takes {clash}, keys tn_hf writes to "
+                         f"config.json; the mixin would pass tn_hf's values to it: rename the argument (tn_hf "
+                         f"uses {list(_TORCH_KEYS)})")
+    return {k: v for k, v in args.items() if k not in _TORCH_KEYS}
+
+
+_TORCH_KEYS = ("tn_hf", "model_args", "model_class")
 
 
 # ----------------------------------------------------------------------------- resolve
