@@ -80,6 +80,7 @@ def test_mixin_save_then_mixin_load(tmp_path):
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["width"] == 32 and cfg["n_classes"] == 10 and set(cfg["tn_hf"]["specs"]) == {"fc1", "fc2"}
+    assert f'MixNet.from_pretrained("{tmp_path}")' in (tmp_path / "README.md").read_text()  # tn_hf's card
     _same(MixNet.from_pretrained(tmp_path), model)
 
 
