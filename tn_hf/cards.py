@@ -109,7 +109,9 @@ def _load_snippet(library_name: str, source: str, model, on_hub: bool) -> tuple[
     cls = type(model).__name__
     if library_name == "pytorch":
         line = f'model = tn_hf.from_pretrained("{source}", model_class={cls})'
-        return f"from {type(model).__module__} import {cls}  # the model's own class\n{line}", line
+        mixin = hasattr(type(model), "_hub_mixin_config")  # huggingface_hub's PyTorchModelHubMixin
+        own = f'model = {cls}.from_pretrained("{source}")' if mixin else line
+        return f"from {type(model).__module__} import {cls}  # the model's own class\n{own}", line
     any_loader = f'model = tn_hf.from_pretrained("{source}")'
     if library_name == "timm":
         prefix = "hf-hub:" if on_hub else "local-dir:"

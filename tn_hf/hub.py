@@ -12,6 +12,9 @@ Layouts written by ``save_pretrained(model, dir)`` (each with the same ``TNMetad
 * plain torch: config.json {"tn_hf": metadata, "model_class": "pkg.module:Class", "model_args": {...}}
   and model.safetensors. ``model_class`` is informative: loading needs the class from the caller
   (``from_pretrained(dir, model_class=Net)``) or the explicit opt-in ``trust_remote_code=True``.
+  For a huggingface_hub ``PyTorchModelHubMixin`` model the constructor kwargs the mixin recorded
+  are also at the top level, so that after ``import tn_hf`` ``Net.from_pretrained(dir)`` rebuilds
+  it (``tn_hf.integrations.hub_mixin``).
 
 Saving writes only the checkpoint's own files, crash-safely (``serialization.write_checkpoint``):
 other files in the folder are never touched. Loading is strict and checks the specs and the
@@ -19,6 +22,7 @@ safetensors header before allocating anything.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import re
@@ -57,13 +61,14 @@ def save_pretrained(model: nn.Module, save_directory, *, model_args: dict | None
     kind = _kind(model)
     if kind == "torch":
         cls = type(model)
+        mixin_args = _mixin_init_args(model)
         if model_args is None:  # PyTorchModelHubMixin records the constructor's arguments
-            model_args = getattr(model, "tn_hf_model_args", None) or getattr(model, "_hub_mixin_config", None)
+            model_args = getattr(model, "tn_hf_model_args", None) or mixin_args
         try:
             json.dumps(model_args)
         except TypeError as e:
             raise ValueError(f"save_pretrained: model_args must be JSON-serialisable: {e}") from e
-        if cls.__module__ == "__main__":
+        if cls.__module__ == "__main__" and not hasattr(cls, "_hub_mixin_config"):  # mixin: cls.from_pretrained
             warnings.warn(f"save_pretrained: {cls.__qualname__} is defined in __main__; loading needs the "
                           f"class: tn_hf.from_pretrained(dir, model_class={cls.__qualname__})", stacklevel=2)
 
@@ -82,7 +87,8 @@ def save_pretrained(model: nn.Module, save_directory, *, model_args: dict | None
             S.write_weights(model, tmp / S.WEIGHTS_NAME)
             library = "timm"
         else:
-            S.write_json(tmp / S.CONFIG_NAME, {"tn_hf": meta.to_dict(), "model_args": model_args or {},
+            # a PyTorchModelHubMixin class's from_pretrained reads its constructor kwargs at the top level
+            S.write_json(tmp / S.CONFIG_NAME, {**mixin_args, "tn_hf": meta.to_dict(), "model_args": model_args or {},
                                                "model_class": f"{cls.__module__}:{cls.__qualname__}"})
             S.write_weights(model, tmp / S.WEIGHTS_NAME)
             library = "pytorch"
@@ -91,6 +97,26 @@ def save_pretrained(model: nn.Module, save_directory, *, model_args: dict | None
     out = Path(save_directory)
     S.write_checkpoint(out, render)
     return out
+
+
+def _mixin_init_args(model) -> dict:
+    """The constructor kwargs huggingface_hub's ``PyTorchModelHubMixin`` recorded on ``model`` ({} for
+    other models); they go to the top level of config.json, where the mixin's from_pretrained reads them.
+    tn_hf's own keys are left out (a model the mixin loaded may have recorded the whole config.json)."""
+    args = getattr(model, "_hub_mixin_config", None)
+    if dataclasses.is_dataclass(args):
+        args = dataclasses.asdict(args)
+    if not isinstance(args, dict):
+        return {}
+    clash = sorted(set(_TORCH_KEYS) & set(getattr(type(model), "_hub_mixin_init_parameters", None) or ()))
+    if clash:
+        raise ValueError(f"save_pretrained: {type(model).__name__}.__init__ takes {clash}, keys tn_hf writes to "
+                         f"config.json; the mixin would pass tn_hf's values to it: rename the argument (tn_hf "
+                         f"uses {list(_TORCH_KEYS)})")
+    return {k: v for k, v in args.items() if k not in _TORCH_KEYS}
+
+
+_TORCH_KEYS = ("tn_hf", "model_args", "model_class")
 
 
 # ----------------------------------------------------------------------------- resolve
@@ -249,10 +275,17 @@ def _load_torch(local: Path, cfg: dict, model_class, trust_remote_code: bool, kw
     header = S.read_header(local / S.WEIGHTS_NAME)
     with torch.device("meta"):
         _check_on_meta(_build(model_class, args, where), meta, local, header)
-    model = _build(model_class, args, where)
+    return load_into(_build(model_class, args, where), meta, local / S.WEIGHTS_NAME, header, where)
+
+
+def load_into(model: nn.Module, meta: S.TNMetadata, weights, header: dict | None = None,
+              where="config.json") -> nn.Module:
+    """Swap ``model``'s modules for empty TN layers from ``meta.specs`` (checked against the modules they
+    replace) and load ``weights`` strictly (checked against the header before the layers are allocated);
+    returns the model in eval mode."""
     apply_specs(model, meta.specs, where=str(where))
     model.tn_hf_config = meta.config
-    S.load_weights(model, local / S.WEIGHTS_NAME, header)
+    S.load_weights(model, weights, header)
     model.eval()
     return model
 

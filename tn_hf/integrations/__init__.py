@@ -1,9 +1,10 @@
 """Ecosystem integrations, installed when their library is imported (before or after tn_hf).
 
-``install_hooks()`` (run by ``import tn_hf``) installs the transformers and timm integrations at
-once for a library that is already imported, and otherwise when it is first imported, through a
-finder on ``sys.meta_path`` that runs the integration right after the library's own module code.
-So ``import tn_hf`` stays cheap and never imports transformers or timm itself.
+``install_hooks()`` (run by ``import tn_hf``) installs the transformers, timm and huggingface_hub
+(``PyTorchModelHubMixin``) integrations at once for a library that is already imported, and
+otherwise when it is first imported, through a finder on ``sys.meta_path`` that runs the
+integration right after the library's own module code.
+So ``import tn_hf`` stays cheap and never imports transformers, timm or huggingface_hub itself.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import sys
 import warnings
 
 # library module -> tn_hf integration module with an install()
-ECOSYSTEMS = {"transformers": "tn_hf.integrations.transformers", "timm": "tn_hf.integrations.timm"}
+# (huggingface_hub imports its submodules lazily: the module that defines PyTorchModelHubMixin is watched)
+ECOSYSTEMS = {"transformers": "tn_hf.integrations.transformers", "timm": "tn_hf.integrations.timm",
+              "huggingface_hub.hub_mixin": "tn_hf.integrations.hub_mixin"}
 
 
 def _install(library: str) -> None:
