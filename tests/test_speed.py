@@ -150,13 +150,13 @@ class _Net(nn.Module):
 
 
 def _fake_costs(monkeypatch, fn):
-    """Replace measured time ratios by fn(spec, shape); record the calls."""
+    """Replace measured times by (fn(spec, shape), 1.0) seconds (TN, dense); record the calls."""
     calls = []
 
-    def ratio(self, what, build, dense, shape, device, dtype, channels_last=False):
+    def pair(self, what, build, dense, shape, device, dtype, channels_last=False):
         calls.append((what["class"], tuple(shape)) + (("channels_last",) if channels_last else ()))
-        return fn(what, shape)
-    monkeypatch.setattr(cost.CostModel, "ratio", ratio)
+        return fn(what, shape), 1.0   # (TN seconds, dense seconds): every dense layer takes 1 s
+    monkeypatch.setattr(cost.CostModel, "pair", pair)
     monkeypatch.setattr(cost.CostModel, "save", lambda self: None)
     return calls
 
@@ -184,6 +184,24 @@ def test_planner_keeps_slow_layers_dense_and_rebalances_budget(monkeypatch):
     assert rows["b"]["ratio"] > 3.2 and rows["fc1"]["ratio"] > 3.2
     y = m(torch.randn(2, 3, 8, 8))
     assert y.shape == (2, 10)
+
+
+@pytest.mark.parametrize("others_at_1", [0.5, 0.95])
+def test_layers_slower_at_batch_1_are_taken_when_the_others_pay_for_it(monkeypatch, others_at_1):
+    # "a": 0.5x dense at batch 32, 1.2x at batch 1; "b" and "fc1": 0.5x at batch 32, others_at_1 at batch 1.
+    # Saved at batch 1 by b and fc1: 2 x (1 - others_at_1) s; lost by a: 0.2 s.
+    _fake_costs(monkeypatch, lambda spec, shape: 0.5 if shape[0] == 32 else
+                (1.2 if spec.get("in_channels") == 16 else others_at_1))
+    m = _Net().eval()
+    cfg = tn_hf.TNConfig(compression_ratio=3.0, min_params=4000, allocation="uniform", plan_for_speed=True)
+    rows = {r["name"]: r for r in tn_hf.compress(m, cfg, progress=False).rows}
+    assert set(rows) == {"a", "b", "fc1"}
+    if others_at_1 == 0.5:   # 1.0 s saved >= 0.2 s lost
+        assert isinstance(m.a, TTConv2d) and not rows["a"].get("kept_dense")
+    else:                    # 0.1 s saved < 0.2 s lost
+        assert type(m.a) is nn.Conv2d and rows["a"]["kept_dense"].startswith("TN not faster (0.50x dense time at "
+                                                                             "batch 32, 1.20x dense time at batch 1")
+    assert isinstance(m.b, TTConv2d) and isinstance(m.fc1, TTLinear)
 
 
 def test_planner_prefers_faster_aligned_ranks(monkeypatch):
@@ -286,14 +304,14 @@ def test_cost_cache_measures_once_and_persists(tmp_path, monkeypatch):
         builds.append(1)
         return layer
     cm = cost.CostModel()
-    r1 = cm.ratio(layer.spec(), build, dense, (4, 64), torch.device("cpu"), torch.float32)
-    assert cm.ratio(layer.spec(), build, dense, (4, 64), torch.device("cpu"), torch.float32) == r1
+    r1 = cm.pair(layer.spec(), build, dense, (4, 64), torch.device("cpu"), torch.float32)
+    assert cm.pair(layer.spec(), build, dense, (4, 64), torch.device("cpu"), torch.float32) == r1
     cm.save()
-    assert r1 > 0 and len(builds) == 1 and (tmp_path / "cost.json").exists()
+    assert min(r1) > 0 and len(builds) == 1 and (tmp_path / "cost.json").exists()
     cm2 = cost.CostModel()
-    assert cm2.ratio(layer.spec(), build, dense, (4, 64), torch.device("cpu"), torch.float32) == r1
+    assert cm2.pair(layer.spec(), build, dense, (4, 64), torch.device("cpu"), torch.float32) == r1
     assert len(builds) == 1
-    cm2.ratio(layer.spec(), build, dense, (8, 64), torch.device("cpu"), torch.float32)  # new shape: measured
+    cm2.pair(layer.spec(), build, dense, (8, 64), torch.device("cpu"), torch.float32)  # new shape: measured
     assert len(builds) == 2
 
 

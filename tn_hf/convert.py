@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .decompositions import ranks_for_ratio
-from .layers import layer_from_spec, registry
+from .layers import SUPPORTED_TYPES, layer_from_spec, layer_type, registry
 from .layers.base import TNLayer
 from .cost import kept_dense_row
 from .layers.tucker import tie_shared_cores
@@ -80,6 +80,15 @@ def _plan(model, config) -> tuple[list, dict[str, str]]:
     return targets, model.__dict__.pop("tn_hf_kept_dense", None) or {}
 
 
+def _subclass_hint(model) -> str:
+    """Names the subclasses of supported types (e.g. timm's weight-standardized StdConv2d) in ``model``:
+    their forward differs from the base class's, so they are never targets."""
+    subs = sorted({type(m).__name__ for m in model.modules() if layer_type(m) is None and any(
+        t.__name__ in SUPPORTED_TYPES and t.__module__.startswith("torch.nn") for t in type(m).__mro__[1:])})
+    return (f"; {', '.join(subs)} subclass a supported type with a forward of their own (e.g. weight "
+            "standardization) and are not compressed") if subs else ""
+
+
 def compress(model: nn.Module, config, *, progress: bool = True, method: str = "direct") -> CompressionReport:
     """Swap the planned targets of ``model`` in place for TN layers decomposed from their weights.
 
@@ -96,7 +105,7 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
     targets, kept = _plan(model, config)
     if not targets and not kept:
         raise ValueError(f"compress: no module of {type(model).__name__} is a target for {config} "
-                         "(all too small, skipped by default, or excluded)")
+                         "(all too small, skipped by default, or excluded)" + _subclass_hint(model))
     probed = probe(model, [t.name for t in targets] + list(kept))
     specs = dict(getattr(model, "tn_hf_specs", None) or {})
     rows = []

@@ -34,7 +34,10 @@ candidate of least mean time ratio over the planning batches wins; the chosen la
 the spec (checkpoints, ADMM's pinned ranks and ``ADMMScheduler.compress_config`` carry it).
 
 Keep dense (measured). A target also stays dense when its best form is not faster: time ratio
->= ``KEEP_BELOW[b]`` at a planning batch b (0.9 at batch 32, 1.0 at batch 1). The parameters of
+>= ``KEEP_BELOW[b]`` at a planning batch b (0.9 at batch 32, 1.0 at batch 1), with one exception
+(``_admit``): forms faster at batch 32 but slower at batch 1 are taken, most batch-32 time saved
+per batch-1 time lost first, as long as the batch-1 time the other TN layers save pays for it
+(measured seconds), so that the targets together are no slower at batch 1 than dense. The parameters of
 layers kept dense leave the budget: the other targets are re-allocated at the ratio that keeps
 the targets as a whole at ``compression_ratio`` (while possible), and planned again.
 
@@ -73,7 +76,7 @@ ALIGN = (8, 16)
 REALLOCATE_PASSES = 3
 LATENCY_GRID = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 MIN_SECONDS = 0.1       # total measured time per entry (repeats grow until reached)
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2      # entries: [fastest TN seconds, fastest dense seconds]
 log = logging.getLogger("tn_hf.cost")
 
 
@@ -111,7 +114,7 @@ def _sync(device: torch.device):
 
 
 class CostModel:
-    """Measured eval time ratios TN form / dense layer, cached on disk as JSON."""
+    """Measured eval times (TN form, dense layer) in seconds, cached on disk as JSON."""
 
     def __init__(self, path: str | Path | None = None):
         self.path = Path(path) if path is not None else cache_dir() / "cost.json"
@@ -120,7 +123,7 @@ class CostModel:
         try:
             data = json.loads(self.path.read_text())
             if data.get("version") == _CACHE_VERSION:
-                self.table = {k: float(v) for k, v in data.get("times", {}).items()}
+                self.table = {k: (float(v[0]), float(v[1])) for k, v in data.get("times", {}).items()}
         except (OSError, ValueError, AttributeError):
             pass
 
@@ -130,13 +133,13 @@ class CostModel:
                "torch": torch.__version__, "code": _code_version()}
         return json.dumps({"layer": what, "shape": list(shape), "env": env}, sort_keys=True)
 
-    def ratio(self, what: dict, build, dense: nn.Module, shape, device, dtype, channels_last: bool = False) -> float:
-        """Eval time of ``build()`` over that of ``dense`` at ``shape``, timed alternately (cached)."""
+    def pair(self, what: dict, build, dense: nn.Module, shape, device, dtype,
+             channels_last: bool = False) -> tuple[float, float]:
+        """(eval seconds of ``build()``, of ``dense``) at ``shape``, timed alternately (cached)."""
         key = {"tn": what, "dense": _dense_key(dense), **({"channels_last": True} if channels_last else {})}
         k = self.key(key, shape, device, dtype)
         if k not in self.table:
-            t_tn, t_dense = measure_pair([build(), dense], shape, device, dtype, channels_last=channels_last)
-            self.table[k] = t_tn / t_dense
+            self.table[k] = tuple(measure_pair([build(), dense], shape, device, dtype, channels_last=channels_last))
             self.dirty = True
         return self.table[k]
 
@@ -267,11 +270,15 @@ class _Eval:
         self.device, self.dtype = p.device, p.dtype
 
     def ratios(self, spec: dict) -> dict[int, float]:
+        return {b: t / d for b, (t, d) in self.times(spec).items()}
+
+    def times(self, spec: dict) -> dict[int, tuple[float, float]]:
+        """{batch: (TN seconds, dense seconds)}."""
 
         def build():
             with torch.device(self.device):
                 return layer_from_spec(spec).to(dtype=self.dtype)
-        return {b: self.cm.ratio(spec, build, self.t.module, s, self.device, self.dtype, self.channels_last)
+        return {b: self.cm.pair(spec, build, self.t.module, s, self.device, self.dtype, self.channels_last)
                 for b, s in self.shapes.items()}
 
 
@@ -392,6 +399,8 @@ def _agree(targets, out, kept):
 def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) -> list:
     latency = config.budget == "latency"
     out = []
+    saved: dict[str, dict] = {}  # name -> {batch: (TN, dense seconds)} of the TN forms taken
+    slower_at_1: list = []  # (target, spec, TN/dense seconds per batch): faster at batch 32 only
     for t in tqdm(targets, desc="tn_hf plan (measuring)", disable=not progress):
         composite = getattr(t.cls, "composite", False)
         seen = probed.get(t.name)
@@ -428,10 +437,37 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
                  + (f", {_fmt_ratios(r)}" if r else ""))
         if why is not None:
             kept[t.name] = why
+            if ev is not None and r is not None and r[max(r)] < KEEP_BELOW[max(r)]:
+                slower_at_1.append((t, spec, ev.times(spec)))
             continue
         t.spec = spec
         out.append(t)
-    return out
+        if ev is not None and r is not None:
+            saved[t.name] = ev.times(spec)
+    return _admit(targets, out, saved, slower_at_1, kept)
+
+
+def _admit(targets, out, saved, slower_at_1, kept) -> list:
+    """Also take the TN forms faster at batch 32 but slower at batch 1, most batch-32 time saved per
+    batch-1 time lost first, while the batch-1 time the chosen TN layers save in all covers what
+    these lose: the targets as a whole stay no slower than dense at batch 1."""
+    small, large = min(PLAN_BATCHES), max(PLAN_BATCHES)
+    credit = sum(times[small][1] - times[small][0] for times in saved.values())
+
+    def gain(z):  # batch-32 seconds saved per batch-1 second lost
+        times = z[2]
+        return (times[large][1] - times[large][0]) / max(times[small][0] - times[small][1], 1e-12)
+    for t, spec, times in sorted(slower_at_1, key=gain, reverse=True):
+        loss = times[small][0] - times[small][1]
+        if loss > credit:
+            continue
+        credit -= loss
+        t.spec = spec
+        kept.pop(t.name, None)
+        out.append(t)
+        log.info("%s: TN %s (slower at batch %d, paid for by the other layers)", t.name, _ranks_str(spec), small)
+    order = {t.name: i for i, t in enumerate(targets)}
+    return sorted(out, key=lambda t: order[t.name])
 
 
 def _latency(ev: _Eval, t, cands, ratio: float, shape1):
