@@ -143,20 +143,30 @@ NOTES = """
 """
 
 
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timeit(fn, repeats, warmup=2):
     for _ in range(warmup):
         fn()
+    _sync()
     ts = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        _sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
 
 def measure(module, make_x, batch, repeats):
-    x = make_x(batch)
-    module.eval()
+    x = make_x(batch).to(DEVICE)
+    module.to(DEVICE).eval()
 
     def fwd():
         with torch.no_grad():
@@ -188,7 +198,7 @@ def main():
     for name, (mk_dense, mk_tn, mk_tl, mk_x) in CASES.items():
         if args.only not in name:
             continue
-        dense = mk_dense()
+        dense = mk_dense().to(DEVICE)
         t_dense = {b: measure(dense, mk_x, b, repeats) for b in (1, 32)}
         for ratio in (4, 8):
             tn, kept = mk_tn(ratio, dense)
@@ -240,8 +250,8 @@ def write(path, rows, stage_rows, lin_rows, repeats):
         return "n/a" if t is None else f"{t * 1e3:.2f}"
 
     lines = [
-        "# TN layer latency (CPU)", "",
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {repeats} runs "
+        f"# TN layer latency ({DEVICE.type.upper()})", "",
+        f"torch {torch.__version__}, device {DEVICE}, {torch.get_num_threads()} threads, median of {repeats} runs "
         "(train: forward+backward, median of half as many). Shared machine: treat as indicative.", "",
         "| case | batch | ratio | TT form (in factors, ranks) | params dense / TT / tltorch | eval ms dense | "
         "eval ms TT (x dense) | eval ms tltorch | train ms dense | train ms TT (x dense) | train ms tltorch |",
