@@ -437,3 +437,12 @@ def test_admm_with_tucker_format():
     # the final decomposition at the same ranks (pinned) reproduces Z's structure
     tn_hf.compress(model, tn_hf.TNConfig(format="tucker", ranks={"2": ranks}), progress=False)
     assert model[2].ranks == ranks
+
+
+def test_tucker_conv_keeps_its_kernel_mode():
+    from tn_hf.layers import TuckerConv2d
+    with pytest.raises(ValueError, match="kernel_mode 'in'; valid: \\('own',\\)"):
+        TuckerConv2d(8, 8, 3, ranks=2, kernel_mode="in")
+    m = nn.Sequential(nn.Conv2d(3, 64, 3), nn.Conv2d(64, 64, 3))
+    tn_hf.compress(m, tn_hf.TNConfig(format="tucker", ranks=4, skip_stem=False), progress=False)
+    assert type(m[1]).__name__ == "TuckerConv2d" and m[1].kernel_mode == "own"

@@ -310,7 +310,7 @@ def _dense_params(t) -> int:
 
 def _may_switch_layout(t, config) -> bool:
     """Measured planning compares both conv layouts (``TNConfig.kernel_mode``) for "auto" targets."""
-    return (config.kernel_mode == "auto" and bool(getattr(t.cls, "kernel_modes", None))
+    return (config.kernel_mode == "auto" and "in" in getattr(t.cls, "kernel_modes", ())
             and t.spec.get("kernel_mode", "own") == "own")
 
 

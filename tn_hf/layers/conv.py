@@ -112,8 +112,8 @@ class _TNConv(TNLayer):
             pad = padding
         else:
             pad = list(_tuple(padding, n, "padding", where))
-        if kernel_mode not in KERNEL_MODES:
-            raise ValueError(f"{where}: kernel_mode {kernel_mode!r}; valid: {KERNEL_MODES}")
+        if kernel_mode not in cls.kernel_modes:
+            raise ValueError(f"{where}: kernel_mode {kernel_mode!r}; valid: {cls.kernel_modes}")
         if kernel_mode == "in":  # one mode K*I: the input channels are not factorized
             if in_factors is not None and len(in_factors) != 1:
                 raise ValueError(f"{where}: kernel_mode='in' takes one input mode, got in_factors={in_factors}")

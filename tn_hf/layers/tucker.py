@@ -197,6 +197,7 @@ class TuckerLinear(_LinearLayer, _TuckerLeaf):
 
 class _TuckerConv(_TuckerLeaf, _TNConv):
     """Tucker convolution; spec, tensorization and padding are the TT/TR convolutions' (conv.py)."""
+    kernel_modes = ("own",)  # the factorized forward needs the kernel mode on its own
 
     @classmethod
     def _from_spec(cls, spec):
@@ -215,7 +216,7 @@ class _TuckerConv(_TuckerLeaf, _TNConv):
                  "conv": 2 * b * hw_out * self.out_channels * self.in_channels * k}
         return tn, dense
 
-    def _factorized(self, x):
+    def _factorized(self, x, store=None):
         unbatched = x.dim() == self.dim + 1
         if unbatched:
             x = x.unsqueeze(0)
