@@ -128,7 +128,7 @@ class _Free(nn.Module):
         self.fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def forward(self, *args, **kwargs):
-        return torch.zeros(self.shape, dtype=self.dtype, device=self.device).contiguous(memory_format=self.fmt)
+        return torch.empty(self.shape, dtype=self.dtype, device=self.device, memory_format=self.fmt).zero_()
 
 
 def floor_model(dense, names, x):
