@@ -13,7 +13,7 @@ in the model, in the memory format it sees (channels-last when the model was con
 at the batch sizes ``PLAN_BATCHES`` = (1, 32). Input shapes and formats come from one probe
 forward (``report.probe``: models that declare ``pretrained_cfg["input_size"]``, as timm models
 do). Dense and TN are timed alternately (fastest of repeats after warm-up, ``measure_pair``) and
-the ratio is cached in ``$TN_HF_CACHE/cost.json`` (default ``~/.cache/tn_hf``), keyed by the
+both times are cached in ``$TN_HF_CACHE/cost.json`` (default ``~/.cache/tn_hf``), keyed by the
 form's spec, the dense module, the input shape and format, device name, dtype, thread count,
 torch version and a hash of the layers' source: a machine pays once per layer shape. Where the
 input shape is unknown (no probe) nothing is timed and the deterministic rule alone applies.
@@ -37,8 +37,8 @@ Keep dense (measured). A target also stays dense when its best form is not faste
 >= ``KEEP_BELOW[b]`` at a planning batch b (0.9 at batch 32, 1.0 at batch 1), with one exception
 (``_admit``): forms faster at batch 32 but slower at batch 1 are taken, most batch-32 time saved
 per batch-1 time lost first, as long as the batch-1 time the other TN layers save pays for it
-(measured seconds), so that the targets together are no slower at batch 1 than dense. The parameters of
-layers kept dense leave the budget: the other targets are re-allocated at the ratio that keeps
+(measured seconds), so that the targets together are no slower at batch 1 than dense. The
+parameters of layers kept dense leave the budget: the other targets are re-allocated at the ratio that keeps
 the targets as a whole at ``compression_ratio`` (while possible), and planned again.
 
 ``budget="latency"``: ``compression_ratio`` R is a time ratio. For each target, over the param
@@ -262,7 +262,7 @@ def _dense_key(module: nn.Module) -> dict:
 
 # ----------------------------------------------------------------------------- planner
 class _Eval:
-    """Time ratios TN / dense of candidates, for one target at its planning shapes."""
+    """Measured times (and ratios TN / dense) of candidates, for one target at its planning shapes."""
 
     def __init__(self, cm: CostModel, target, shapes, channels_last: bool = False):
         self.cm, self.t, self.shapes, self.channels_last = cm, target, shapes, channels_last

@@ -200,7 +200,7 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 def probe(model, names: list[str]) -> dict[str, Probed]:
     """{name: Probed} from one forward on a zero input (in the model's memory format: channels-last
-    when the model's first 4-d/5-d weight is)."""
+    when a 4-d/5-d weight of the model is, as after ``model.to(memory_format=torch.channels_last)``)."""
     x = _default_input(model)
     if x is None:
         return {}
