@@ -23,11 +23,12 @@ def _err_line(capsys):
 
 @pytest.fixture(scope="module")
 def compressed_dir(tmp_path_factory):
-    """`tn-hf compress test_resnet --format tr --ratio 4 --targets ... --out DIR` (run once)."""
+    """`tn-hf compress test_resnet --format tr --ratio 4 --targets ... --no-speed-plan --out DIR` (run once;
+    sized, not timed, so that the checkpoint's layers do not depend on the machine)."""
     out = tmp_path_factory.mktemp("cli") / "tn-resnet"
     torch.manual_seed(0)
     assert main(["compress", "test_resnet", "--random-init", "--format", "tr", "--ratio", "4", "--targets",
-                 *TARGETS, "--out", str(out)]) == 0
+                 *TARGETS, "--no-speed-plan", "--out", str(out)]) == 0
     return out
 
 
@@ -97,7 +98,8 @@ def test_compress_from_hub_id_records_base_model(hub, tmp_path, capsys):
     HfApi().create_repo("org/dense-resnet")
     HfApi().upload_folder(repo_id="org/dense-resnet", folder_path=tmp_path / "dense")
     out = tmp_path / "tn"
-    assert main(["compress", "org/dense-resnet", "--ratio", "3", "--targets", "layer4.0.conv2", "--out", str(out)]) == 0
+    assert main(["compress", "org/dense-resnet", "--ratio", "3", "--targets", "layer4.0.conv2", "--no-speed-plan",
+                 "--out", str(out)]) == 0
     assert "layer4.0.conv2" in capsys.readouterr().out  # the report is printed
     card = (out / "README.md").read_text()
     assert "base_model: org/dense-resnet" in card and "base_model_relation: quantized" in card

@@ -333,8 +333,8 @@ def test_default_linear_layout_is_low_rank_two_gemms():
 def test_without_speed_planning_only_size_decides_and_nothing_is_timed(monkeypatch):
     calls = _fake_costs(monkeypatch, lambda spec, shape: 5.0)  # "slower" everywhere: ignored
     m = _Net().eval()
-    report = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, min_params=4000, allocation="uniform"),
-                            progress=False)
+    report = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, min_params=4000, allocation="uniform",
+                                              plan_for_speed=False), progress=False)
     assert not calls and all(not r.get("kept_dense") for r in report.rows)
     assert isinstance(m.a, TTConv2d) and isinstance(m.b, TTConv2d) and isinstance(m.fc1, TTLinear)
     for r in report.rows:  # never more params or FLOPs than the dense layer
@@ -366,3 +366,16 @@ def test_latency_budget_recurrent_layer_gets_planned_ratio(monkeypatch):
     assert 3.0 <= 96 * 128 / sum(c.numel() for c in ih.cores) < 6.0, report
     y = m(torch.randn(2, 5, 96))
     assert y.shape == (2, 4)
+
+
+def test_admm_keeps_dense_what_the_planner_kept_dense(monkeypatch):
+    from tn_hf import ADMMScheduler
+    _fake_costs(monkeypatch, lambda spec, shape: 1.3 if spec.get("in_channels") == 16 else 0.5)
+    torch.manual_seed(0)
+    m = _Net().eval()
+    sched = ADMMScheduler(m, tn_hf.TNConfig(compression_ratio=3.0, min_params=4000, allocation="uniform"))
+    assert {s.target for s in sched.slots} == {"b", "fc1"}        # measured planning is the default
+    rows = {r["name"]: r for r in sched.compress(progress=False).rows}
+    assert type(m.a) is nn.Conv2d and rows["a"]["kept_dense"].startswith("TN not faster")
+    assert isinstance(m.b, TTConv2d) and isinstance(m.fc1, TTLinear)
+    assert set(sched.compress_config().ranks) == {"b", "fc1"}

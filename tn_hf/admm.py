@@ -238,7 +238,9 @@ class ADMMScheduler:
         leaf = {s.target: list(s.ranks) for s in self.slots if s.name == s.target}
         layout = {s.target: {k: s.spec[k] for k in LAYOUT_KEYS if k in s.spec}
                   for s in self.slots if s.name == s.target}
-        self.model.tn_hf_pinned_ranks = {"config": self.config.to_dict(), "ranks": leaf, "layout": layout}
+        kept = dict(getattr(self.model, "tn_hf_kept_dense", None) or {})  # the speed planner's, same plan
+        self.model.tn_hf_pinned_ranks = {"config": self.config.to_dict(), "ranks": leaf, "layout": layout,
+                                         "kept_dense": kept}
 
     # ------------------------------------------------------------------ targets
     def _slots_for(self, t) -> list[_Slot]:

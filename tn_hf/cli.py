@@ -164,7 +164,7 @@ def cmd_compress(args) -> int:
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
     try:
-        cfg = TNConfig(format=args.format, compression_ratio=args.ratio,
+        cfg = TNConfig(format=args.format, compression_ratio=args.ratio, plan_for_speed=not args.no_speed_plan,
                        target_modules=args.targets or None, exclude_modules=args.exclude or None)
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -237,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timm names: compress randomly initialised weights instead of the pretrained ones "
                         "(for trying things out; the model card says so)")
     c.add_argument("--pretrained", action="store_true", help=argparse.SUPPRESS)  # the default now
+    c.add_argument("--no-speed-plan", action="store_true",
+                   help="choose ranks by size alone (deterministic); by default each layer's forms are timed "
+                        "on this machine and layers not faster as TN stay dense")
     c.add_argument("--dry-run", action="store_true",
                    help="print the per-layer plan (params, FLOPs, ranks) without decomposing or writing")
     c.add_argument("--out", help="output folder (only the checkpoint's files are written into it)")

@@ -39,9 +39,11 @@ class TNConfig:
     (parameters weighted by each layer's output positions) or "latency" (dense / TN eval time
     per layer, measured on this machine; implies ``plan_for_speed``; see ``tn_hf.cost``).
     With a ratio, a layer whose TN form would have more parameters or FLOPs than the dense
-    layer stays dense (reported as "kept dense: <reason>"); with ``plan_for_speed=True`` the
-    ranks are chosen by measured time among forms of the layer's size, and a layer whose TN
-    form is not faster than dense stays dense too.
+    layer stays dense (reported as "kept dense: <reason>"). ``plan_for_speed=True`` (default):
+    for models that declare their input size (timm's ``pretrained_cfg["input_size"]``), the
+    ranks and conv layout are chosen by time measured on this machine among forms of the
+    layer's size (cached per machine), and a layer whose TN form is not faster than dense stays
+    dense too. ``plan_for_speed=False``: size alone decides (the same layers on every machine).
 
     ``kernel_mode`` (TT/TR convolutions with a kernel larger than 1): where the kernel mode sits.
     "own": a core of its own between the output- and input-channel cores (the ADMM-TT paper's
@@ -72,7 +74,7 @@ class TNConfig:
     compress_hidden: bool = False      # recurrent layers: hidden-to-hidden in TN form too
     adaptive_reshape: bool = False     # tucker: ADA-Tucker's per-layer choice of order and dimensions
     shared_core: bool = False          # tucker: SCADA-Tucker's one core for all layers
-    plan_for_speed: bool = False       # measured rank choice; layers not faster as TN stay dense
+    plan_for_speed: bool = True        # measured rank and layout choice; layers not faster as TN stay dense
     kernel_mode: str | dict[str, str] = "auto"  # TT/TR convs: "own", "in", "auto" or {module name: mode}
 
     def __post_init__(self):

@@ -4,7 +4,8 @@
 Always (deterministic): a target whose TN form has at least the dense layer's weight params,
 or more FLOPs at the probed input shape, gets smaller ranks (the next param ratio of
 ``LATENCY_GRID`` that fixes it) or, if none does, stays dense. With ``TNConfig(plan_for_speed=True)``
-or ``budget="latency"`` the choice is also *measured*, as below.
+(the default) or ``budget="latency"`` the choice is also *measured*, as below, wherever the
+input shapes are known; ``plan_for_speed=False`` keeps the deterministic rule alone.
 
 Cost model. The cost of a form is its eval forward time (``torch.no_grad``, merged cores
 cached, see ``TNLayer.cached``) over that of the dense layer, at the input shape the layer sees
@@ -354,7 +355,8 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate, progres
     the budget: the remaining targets are re-allocated at the ratio that keeps the total over
     all targets at ``compression_ratio`` (when that is still possible), then planned again.
     See the module docstring for the cost model and the rules."""
-    measured = config.plan_for_speed or config.budget == "latency"
+    want = config.plan_for_speed or config.budget == "latency"
+    measured = want and _rank() == 0  # under torch.distributed only process 0 times (the others adopt its plan)
     probed = probe(model, [t.name for t in targets])
     cm = CostModel()
     kept: dict[str, str] = {}
@@ -373,10 +375,15 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate, progres
                 break
     finally:
         cm.save()
-    if measured:
+    if want:
         out, kept = _agree(targets, out, kept)
     model.tn_hf_kept_dense = kept
     return out
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _agree(targets, out, kept):

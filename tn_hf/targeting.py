@@ -208,6 +208,9 @@ def plan(model: nn.Module, config) -> list[Target]:
             if t.name in pinned["ranks"]:
                 layout = (pinned.get("layout") or {}).get(t.name, {})
                 t.spec = dict(t.spec, **layout, ranks=list(pinned["ranks"][t.name]))
+        kept = pinned.get("kept_dense") or {}  # what the speed planner kept dense stays dense
+        targets = [t for t in targets if t.name not in kept]
+        model.tn_hf_kept_dense = dict(kept)
     elif config.format == "tucker":  # per-layer ranks / ADA reshaping / shared core (layers.tucker)
         plan_tucker(targets, config)
     elif config.compression_ratio is not None and targets:

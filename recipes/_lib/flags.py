@@ -40,6 +40,9 @@ def make_parser(description: str, *, defaults: dict, sgd_loop: bool = True) -> a
                    help="dense / compressed size of the targeted layers (measured in --budget)")
     g.add_argument("--budget", choices=("params", "flops"), default=d.get("budget", "params"),
                    help="what --compression-ratio counts")
+    g.add_argument("--no-speed-plan", action="store_true",
+                   help="choose ranks by size alone (deterministic); by default layers are timed on this "
+                        "machine and those not faster as TN stay dense")
     g.add_argument("--rho", type=float, default=d.get("rho", 1e-3), help="ADMM penalty rho")
     g.add_argument("--update-every", type=update_every, default=d.get("update_every", "epoch"),
                    help="ADMM Z/U update period: an int (optimizer steps) or 'epoch'")
@@ -97,4 +100,4 @@ def update_every(value: str):
 def tn_config(args, **extra) -> tn_hf.TNConfig:
     """The recipe's ``tn_hf.TNConfig`` from the compression flags (+ e.g. ``layer_types``)."""
     return tn_hf.TNConfig(format=args.format, compression_ratio=args.compression_ratio,
-                          budget=args.budget, **extra)
+                          budget=args.budget, plan_for_speed=not args.no_speed_plan, **extra)
