@@ -161,13 +161,17 @@ def _row(base, mode, batch, td, tt):
 def run_model(name, ratio, args, device):
     torch.manual_seed(0)
     dense = build(name).to(device).eval()
-    suffix = ""
-    if args.channels_last and any(p.dim() == 4 for p in dense.parameters()):
+    cl = args.channels_last and any(p.dim() == 4 for p in dense.parameters())
+    if cl:
         dense = dense.to(memory_format=torch.channels_last)  # before compress: the planner times channels-last
-        suffix = ", channels_last"
+    suffix = ", channels_last" if cl else ""
     tn = copy.deepcopy(dense)
     t0 = time.perf_counter()
-    cfg = tn_hf.TNConfig(compression_ratio=ratio, allocation=args.allocation, plan_for_speed=True)
+    cfg = {"benchmark": tn_hf.TNConfig(compression_ratio=ratio, allocation=args.allocation, plan_for_speed=True),
+           "defaults": tn_hf.TNConfig(compression_ratio=ratio),
+           "size-only": tn_hf.TNConfig(compression_ratio=ratio, plan_for_speed=False)}[args.config]
+    if args.config != "benchmark":
+        suffix += f", TNConfig {args.config}"
     report = tn_hf.compress(tn, cfg, progress=False)
     t_compress = time.perf_counter() - t0
     tn.eval()
@@ -176,7 +180,7 @@ def run_model(name, ratio, args, device):
 
     def randn(b):
         x = torch.randn(b, *size, device=device)
-        return x.contiguous(memory_format=torch.channels_last) if suffix and x.dim() == 4 else x
+        return x.contiguous(memory_format=torch.channels_last) if cl and x.dim() == 4 else x
     x1 = randn(1)
     base = {"model": name, "ratio": ratio, "params_dense": params(dense), "params_tn": params(tn),
             "flops_dense": flops(dense, x1), "flops_tn": flops(tn, x1),
@@ -214,7 +218,7 @@ def run_model(name, ratio, args, device):
             rows.append(_row(base, "eval, torch.compile" + suffix, b, td, tt))
             print(f"{name} {ratio}x compiled eval b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms "
                   f"({tt / td:.2f}x)", flush=True)
-    return rows, {"model": name, "ratio": ratio, "layout": suffix.strip(", ") or "contiguous",
+    return rows, {"model": name, "ratio": ratio, "layout": "channels_last" if cl else "contiguous",
                   "report": report.to_dict()}
 
 
@@ -270,11 +274,15 @@ def render(data) -> str:
               "stem, head), a lower bound on any time ratio reachable by compressing the targets. "
               "\"kept dense\" layers are those the speed planner measured as not faster as TN (batch 32 ratio "
               ">= 0.9 or batch 1 ratio >= 1.0) or whose TN form would not be smaller.",
+              "Rows \"TNConfig defaults\": `tn_hf.compress(model, TNConfig(compression_ratio=R))` as a user calls it "
+              "(global allocation, measured planning); \"TNConfig size-only\": the same with plan_for_speed=False "
+              "(size alone decides, the default before measured planning was).",
               "", "## Layers kept dense (reasons from the compression report)", ""]
     for rep in data.get("reports", []):
         kept = [(row["name"], row["kept_dense"]) for row in rep["report"]["rows"] if row.get("kept_dense")]
         if kept:
-            lines.append(f"- {rep['model']} at {rep['ratio']:g}x ({rep.get('layout', 'contiguous')}): " + "; ".join(f"`{n}`: {w}" for n, w in kept[:6])
+            lines.append(f"- {rep['model']} at {rep['ratio']:g}x ({rep.get('layout', 'contiguous')}, "
+                         f"{rep.get('config', 'benchmark')} config): " + "; ".join(f"`{n}`: {w}" for n, w in kept[:6])
                          + (f"; ... ({len(kept) - 6} more)" if len(kept) > 6 else ""))
     return "\n".join(lines) + "\n"
 
@@ -291,6 +299,9 @@ def main():
     ap.add_argument("--compile-only", action="store_true", help="only the torch.compile timings")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
+    ap.add_argument("--config", choices=("benchmark", "defaults", "size-only"), default="benchmark",
+                    help="benchmark: uniform allocation, measured planning; defaults: TNConfig(compression_ratio=R) "
+                         "as a user calls it; size-only: the same with plan_for_speed=False (rows suffixed)")
     ap.add_argument("--channels-last", action="store_true",
                     help="dense and TN models in channels-last memory format (rows 'eval, channels_last')")
     ap.add_argument("--out", default=str(RESULTS / "speed_models.json"))
@@ -311,7 +322,9 @@ def main():
             data["rows"] = [r for r in data["rows"] if not (r["model"] == name and r["ratio"] == ratio
                                                             and (r["mode"], r["batch"]) in done)] + rows
             data["reports"] = [r for r in data["reports"] if not (r["model"] == name and r["ratio"] == ratio
-                                                                  and r.get("layout", "contiguous") == rep["layout"])]
+                                                                  and r.get("layout", "contiguous") == rep["layout"]
+                                                                  and r.get("config", "benchmark") == args.config)]
+            rep["config"] = args.config
             data["reports"].append(rep)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(data, indent=1))
