@@ -30,28 +30,21 @@ from tn_hf.layers import TTConv2d, TTLinear, tn_targets  # noqa: E402
 from tn_hf.layers.base import n_params  # noqa: E402
 from tn_hf.decompositions import ranks_for_ratio  # noqa: E402
 
+def _conv_case(c, hw, tltorch=True, **cfg):
+    """A 3x3 conv c -> c at hw x hw (ResNet-18 shapes), planned by tn_hf.compress with ``cfg``."""
+    return (lambda: nn.Conv2d(c, c, 3, padding=1, bias=False),
+            lambda r, d: _planned(d, r, (c, hw, hw), **cfg),
+            (lambda r: _tl_conv(c, c, r)) if tltorch else None,
+            lambda b: torch.randn(b, c, hw, hw))
+
+
 CASES = {
     # name: (dense factory, TN factory(ratio, dense), tltorch factory(ratio) or None, input(batch))
-    "conv 64->64 3x3 @56x56 (ResNet-18 layer1)": (
-        lambda: nn.Conv2d(64, 64, 3, padding=1, bias=False),
-        lambda r, d: _planned(d, r, (64, 56, 56)),
-        lambda r: _tl_conv(64, 64, r),
-        lambda b: torch.randn(b, 64, 56, 56)),
-    "conv 64->64 3x3 @56x56, kernel_mode='own' (1x1 -> 3x3 -> 1x1)": (
-        lambda: nn.Conv2d(64, 64, 3, padding=1, bias=False),
-        lambda r, d: _planned(d, r, (64, 56, 56), kernel_mode="own"),
-        None,
-        lambda b: torch.randn(b, 64, 56, 56)),
-    "conv 256->256 3x3 @14x14 (ResNet-18 layer3)": (
-        lambda: nn.Conv2d(256, 256, 3, padding=1, bias=False),
-        lambda r, d: _planned(d, r, (256, 14, 14)),
-        lambda r: _tl_conv(256, 256, r),
-        lambda b: torch.randn(b, 256, 14, 14)),
-    "conv 512->512 3x3 @7x7 (ResNet-18 layer4)": (
-        lambda: nn.Conv2d(512, 512, 3, padding=1, bias=False),
-        lambda r, d: _planned(d, r, (512, 7, 7)),
-        lambda r: _tl_conv(512, 512, r),
-        lambda b: torch.randn(b, 512, 7, 7)),
+    "conv 64->64 3x3 @56x56 (ResNet-18 layer1)": _conv_case(64, 56),
+    "conv 64->64 3x3 @56x56, kernel_mode='own' (1x1 -> 3x3 -> 1x1)": _conv_case(64, 56, tltorch=False,
+                                                                             kernel_mode="own"),
+    "conv 256->256 3x3 @14x14 (ResNet-18 layer3)": _conv_case(256, 14),
+    "conv 512->512 3x3 @7x7 (ResNet-18 layer4)": _conv_case(512, 7),
     "linear 768->3072 x128 tokens": (
         lambda: nn.Linear(768, 3072),
         lambda r, d: _planned(d, r, (128, 768)),
