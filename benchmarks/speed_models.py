@@ -31,6 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tn_hf  # noqa: E402
 from tn_hf.demo import SmallCNN  # noqa: E402
+from tn_hf.report import is_channels_last  # noqa: E402
 from _results import environment  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -138,7 +139,7 @@ def floor_model(dense, names, x):
     for n in names:
         def hook(m, inp, o, n=n):
             o = o[0] if isinstance(o, tuple) else o
-            cl = o.dim() == 4 and not o.is_contiguous() and o.is_contiguous(memory_format=torch.channels_last)
+            cl = is_channels_last(o)
             outs[n] = (tuple(o.shape), o.dtype, o.device, cl)
         hooks.append(dense.get_submodule(n).register_forward_hook(hook))
     with torch.no_grad():

@@ -144,3 +144,15 @@ def test_flops_budget_and_report_json():
     assert m(x).shape == (1, 1000)
     d = json.loads(json.dumps(report.to_dict()))
     assert d["totals"]["layers"] == len(report.rows) > 0
+
+
+def test_no_target_error_names_conv_subclasses_with_their_own_forward():
+    class StdConv(nn.Conv2d):  # weight-standardized, as timm's StdConv2d
+        def forward(self, x):
+            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+            return torch.nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+    m = nn.Sequential(nn.Conv2d(3, 64, 3), StdConv(64, 64, 3), StdConv(64, 64, 3))
+    with pytest.raises(ValueError, match="StdConv subclass a supported type with a forward of their own"):
+        tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3))
+    assert type(m[1]) is StdConv

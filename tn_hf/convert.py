@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .decompositions import ranks_for_ratio
-from .layers import SUPPORTED_TYPES, layer_from_spec, layer_type, registry
+from .layers import is_unsupported_subclass, layer_from_spec, registry
 from .layers.base import TNLayer
 from .cost import kept_dense_row
 from .layers.tucker import tie_shared_cores
@@ -83,8 +83,7 @@ def _plan(model, config) -> tuple[list, dict[str, str]]:
 def _subclass_hint(model) -> str:
     """Names the subclasses of supported types (e.g. timm's weight-standardized StdConv2d) in ``model``:
     their forward differs from the base class's, so they are never targets."""
-    subs = sorted({type(m).__name__ for m in model.modules() if layer_type(m) is None and any(
-        t.__name__ in SUPPORTED_TYPES and t.__module__.startswith("torch.nn") for t in type(m).__mro__[1:])})
+    subs = sorted({type(m).__name__ for m in model.modules() if is_unsupported_subclass(m)})
     return (f"; {', '.join(subs)} subclass a supported type with a forward of their own (e.g. weight "
             "standardization) and are not compressed") if subs else ""
 

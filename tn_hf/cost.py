@@ -305,8 +305,9 @@ def _fmt_ratios(r: dict[int, float]) -> str:
     return ", ".join(f"{v:.2f}x dense time at batch {b}" for b, v in sorted(r.items(), reverse=True))
 
 
-def _dense_params(t) -> int:
-    return sum(w.numel() for w in t.cls.dense_weights(t.module).values())
+def _dense_params(cls, module) -> int:
+    """Weight parameters of the dense module a target replaces."""
+    return sum(w.numel() for w in cls.dense_weights(module).values())
 
 
 def _may_switch_layout(t, config) -> bool:
@@ -317,7 +318,7 @@ def _may_switch_layout(t, config) -> bool:
 
 def _check_size(cls, spec, module, shape) -> str | None:
     """Why this TN form is not smaller than dense (params or FLOPs), or None."""
-    dense_params = sum(w.numel() for w in cls.dense_weights(module).values())
+    dense_params = _dense_params(cls, module)
     tn = _params(spec)
     if tn >= dense_params:
         return f"TN form not smaller ({tn} >= {dense_params} weight params)"
@@ -362,7 +363,7 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate, progres
     kept: dict[str, str] = {}
     try:
         out = _plan_targets(cm, targets, config, config.compression_ratio, probed, kept, progress, measured)
-        size = {t.name: sum(w.numel() for w in t.cls.dense_weights(t.module).values()) for t in targets}
+        size = {t.name: _dense_params(t.cls, t.module) for t in targets}
         for _ in range(REALLOCATE_PASSES if config.budget != "latency" else 0):
             rest = sum(size[t.name] for t in out)
             budget = sum(size.values()) / config.compression_ratio - (sum(size.values()) - rest)
@@ -423,7 +424,7 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
             out = aligned_variants(t.cls, base)
             if ev is not None and _may_switch_layout(t, config):  # the other conv layout, same size
                 alt = t.cls.dense_spec(t.module, kernel_mode="in", n_modes=config.n_modes)
-                out += aligned_variants(t.cls, spec_at_ratio(t.cls, alt, _dense_params(t) / _params(base)))
+                out += aligned_variants(t.cls, spec_at_ratio(t.cls, alt, _dense_params(t.cls, t.module) / _params(base)))
             return out
 
         if not latency:
@@ -433,7 +434,7 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
         else:
             spec, r, why = _latency(ev, t, cands, ratio, shape1)
         if why is not None and ev is None:  # size rule only: smaller ranks until the TN form is smaller
-            dense = _dense_params(t)
+            dense = _dense_params(t.cls, t.module)
             now = ratio if composite else dense / max(1, _params(cands()[0]))
             for q in (q for q in LATENCY_GRID if q > now):
                 s2 = cands(q)[0]

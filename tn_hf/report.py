@@ -181,7 +181,7 @@ def _default_input(model) -> torch.Tensor | None:
     p = next(model.parameters(), None)
     x = torch.zeros(1, *size, device=p.device if p is not None else "cpu",
                     dtype=p.dtype if p is not None and p.is_floating_point() else torch.float32)
-    if any(_is_channels_last(w) for w in model.parameters() if w.dim() == x.dim()):
+    if any(is_channels_last(w) for w in model.parameters() if w.dim() == x.dim()):
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     return x
 
@@ -193,7 +193,8 @@ class Probed(NamedTuple):
     channels_last: bool   # the input is a channels-last 4-d/5-d tensor (the model runs channels-last)
 
 
-def _is_channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-d/5-d tensor laid out channels-last (and not also plain contiguous)."""
     fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
     return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
 
@@ -213,7 +214,7 @@ def probe(model, names: list[str]) -> dict[str, Probed]:
                 return
             conv = isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
             out[name] = Probed(tuple(inp[0].shape), int(math.prod(o.shape[2:]) if conv else o.numel() // o.shape[-1]),
-                               _is_channels_last(inp[0]))
+                               is_channels_last(inp[0]))
         hooks.append(model.get_submodule(name).register_forward_hook(hook))
     was_training = model.training
     try:

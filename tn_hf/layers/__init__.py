@@ -27,6 +27,12 @@ def layer_type(module: nn.Module) -> str | None:
     return entry[0] if entry else None
 
 
+def is_unsupported_subclass(module: nn.Module) -> bool:
+    """A subclass of a supported type with a forward of its own (e.g. timm's weight-standardized
+    StdConv2d): never a target, since a TN layer would drop what its forward adds."""
+    return layer_type(module) is None and isinstance(module, tuple(_BY_TYPE))
+
+
 def tn_class_for(module: nn.Module, format: str = "tt") -> type[TNLayer]:
     """The TN class that replaces `module` in `format` ("tt", "tr" or "tucker"); ValueError if unsupported."""
     by_fmt = next((_BY_TYPE[t][1] for t in type(module).__mro__ if t in _BY_TYPE), None)
@@ -43,6 +49,6 @@ def tn_class_for(module: nn.Module, format: str = "tt") -> type[TNLayer]:
 
 
 __all__ = ["TNLayer", "registry", "layer_from_spec", "tn_class_for", "tn_targets", "SUPPORTED_TYPES",
-           "layer_type", "TTLinear", "TRLinear", "TTConv1d", "TTConv2d", "TTConv3d", "TRConv1d", "TRConv2d", "TRConv3d",
+           "layer_type", "is_unsupported_subclass", "TTLinear", "TRLinear", "TTConv1d", "TTConv2d", "TTConv3d", "TRConv1d", "TRConv2d", "TRConv3d",
            "TTLSTM", "TRLSTM", "TTGRU", "TRGRU", "TuckerLinear", "TuckerConv1d", "TuckerConv2d", "TuckerConv3d",
            "TuckerLSTM", "TuckerGRU"]
