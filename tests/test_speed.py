@@ -379,3 +379,75 @@ def test_admm_keeps_dense_what_the_planner_kept_dense(monkeypatch):
     assert type(m.a) is nn.Conv2d and rows["a"]["kept_dense"].startswith("TN not faster")
     assert isinstance(m.b, TTConv2d) and isinstance(m.fc1, TTLinear)
     assert set(sched.compress_config().ranks) == {"b", "fc1"}
+
+
+@pytest.mark.parametrize("cls_name,kernel_mode,dims", [
+    ("TTConv2d", "own", 2), ("TTConv2d", "in", 2), ("TRConv2d", "own", 2), ("TRConv2d", "in", 2),
+    ("TuckerConv2d", "own", 2), ("TTConv1d", "own", 1), ("TTConv3d", "in", 3)])
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (1, 1, 0), (1, 2, 0), (3, 2, 1)])
+def test_pointwise_gemm_equals_the_conv_kernel(cls_name, kernel_mode, dims, kernel, stride, padding):
+    """pointwise="gemm" (1x1 stages as batched matrix products) computes what the conv kernel does,
+    forward and backward, for contiguous and channels-last inputs, and travels in the spec."""
+    from tn_hf.layers import layer_from_spec, registry
+    torch.manual_seed(0)
+    cls = registry[cls_name]
+    ranks = [2, 3, 1 if kernel == 1 else 2, 2, 2] if cls_name == "TuckerConv2d" else 3
+    ref = cls(8, 12, kernel, stride=stride, padding=padding, ranks=ranks, in_factors=(2, 4) if kernel_mode == "own"
+              else None, out_factors=(3, 4), kernel_mode=kernel_mode).to(D)
+    spec = dict(ref.spec(), pointwise="gemm")
+    gemm = layer_from_spec(spec).to(D)
+    gemm.load_state_dict(ref.state_dict())
+    assert gemm.pointwise == "gemm" and gemm.spec()["pointwise"] == "gemm" and "pointwise" not in ref.spec()
+    x = torch.randn(2, 8, *([7] * dims), dtype=D)
+    inputs = [x] + ([x.contiguous(memory_format=torch.channels_last)] if dims == 2 else [])
+    for xin in inputs:
+        ys = []
+        for layer in (ref, gemm):
+            xi = xin.clone().requires_grad_(True)
+            y = layer.contract(xi)
+            ys.append((y, *torch.autograd.grad((y * y).sum(), (xi, *layer.cores))))
+        for a, b in zip(*ys):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"pointwise 'bmm'; valid: \('conv', 'gemm'\)"):
+        layer_from_spec(dict(spec, pointwise="bmm"))
+
+
+def test_gemm_runs_the_1x1_stages_as_matrix_products(monkeypatch):
+    """With pointwise="gemm" the conv kernel only sees the kxk stage (contiguous input); a
+    channels-last input goes to the conv kernel throughout."""
+    from tn_hf.layers import layer_from_spec
+    m = layer_from_spec(dict(TTConv2d.dense_spec(nn.Conv2d(16, 16, 3, padding=1), ranks=4), pointwise="gemm"))
+    seen = []
+    real = conv_mod._CONV_FN[2]
+
+    def spy(x, w, *a, **k):
+        seen.append(tuple(w.shape[2:]))
+        return real(x, w, *a, **k)
+    monkeypatch.setitem(conv_mod._CONV_FN, 2, spy)
+    x = torch.randn(2, 16, 6, 6)
+    m.contract(x)
+    assert seen == [(3, 3)]
+    seen.clear()
+    m.contract(x.contiguous(memory_format=torch.channels_last))
+    assert seen == [(1, 1), (3, 3), (1, 1)]
+
+
+@pytest.mark.parametrize("gemm_faster", [True, False])
+def test_planner_takes_the_gemm_form_only_when_measured_faster(monkeypatch, tmp_path, gemm_faster):
+    from tn_hf import ADMMScheduler
+    fast = "gemm" if gemm_faster else "conv"
+    _fake_costs(monkeypatch, lambda spec, shape: 0.4 if spec.get("pointwise", "conv") == fast else 0.5)
+    m = _Net().eval()
+    x = torch.randn(2, 3, 8, 8)
+    cfg = tn_hf.TNConfig(compression_ratio=3.0, target_modules=["b"], allocation="uniform", plan_for_speed=True)
+    tn_hf.compress(m, cfg, progress=False)
+    assert m.b.pointwise == fast
+    tn_hf.save_pretrained(m, tmp_path / "ckpt")
+    back = tn_hf.from_pretrained(tmp_path / "ckpt", model_class=_Net)
+    assert back.b.pointwise == fast and back.b.spec() == m.b.spec()
+    torch.testing.assert_close(back(x), m(x), rtol=0, atol=0)
+    # ADMM's pinned form keeps it
+    m2 = _Net().eval()
+    sched = ADMMScheduler(m2, cfg)
+    sched.compress(m2, progress=False)
+    assert m2.b.pointwise == fast and m2.b.spec()["ranks"] == m.b.spec()["ranks"]

@@ -25,7 +25,7 @@ from .cost import kept_dense_row
 from .layers.tucker import tie_shared_cores
 from .report import CompressionReport, flops, layer_row, n_stored, probe, rel_error
 from .serialization import CheckpointError, check_specs
-from .targeting import as_config, is_transformers, leaf_specs, plan
+from .targeting import FORM_KEYS, as_config, is_transformers, leaf_specs, plan
 
 # "specs_changed": called with the model after compress / apply_specs; "decompressed": after decompress.
 # Tucker's shared core (SCADA) is tied here: a no-op for models without one.
@@ -50,8 +50,7 @@ def _decompose(t, config) -> TNLayer:
         kw.update(ranks=r if r is not None else config.ranks, n_modes=config.n_modes)
     else:  # planned ranks and factors
         kw.update(ranks=t.spec["ranks"], in_factors=t.spec.get("in_factors"), out_factors=t.spec.get("out_factors"))
-    if "kernel_mode" in t.spec:  # the conv layout the plan chose
-        kw["kernel_mode"] = t.spec["kernel_mode"]
+    kw.update({k: t.spec[k] for k in FORM_KEYS if k in t.spec})  # the conv layout / 1x1 kernel the plan chose
     p = next(t.module.parameters())
     src = t.module if p.dtype in (torch.float32, torch.float64) else copy.deepcopy(t.module).float()
     with torch.no_grad():

@@ -34,7 +34,8 @@ _HEAD_NAMES = ("classifier", "head", "heads", "lm_head", "score")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-LAYOUT_KEYS = ("in_factors", "out_factors", "kernel_mode")  # a spec's tensorization (the ranks apart)
+FORM_KEYS = ("kernel_mode", "pointwise")  # conv form options the plan may choose (layer constructor kwargs)
+LAYOUT_KEYS = ("in_factors", "out_factors", *FORM_KEYS)  # a spec's tensorization and form (the ranks apart)
 
 
 @dataclass

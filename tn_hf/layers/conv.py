@@ -33,6 +33,7 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 KERNEL_MODES = ("own", "in")
+POINTWISE = ("conv", "gemm")
 
 
 def _tuple(v, n, what, where):
@@ -47,6 +48,7 @@ def _tuple(v, n, what, where):
 class _TNConv(TNLayer):
     dim: int = 2
     kernel_modes = KERNEL_MODES
+    pointwise_modes = POINTWISE
     _args_doc = """Args:
     in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode: as
         in ``nn.ConvNd`` (padding: ints, 'same' (stride 1) or 'valid'; padding_mode: zeros,
@@ -60,6 +62,10 @@ class _TNConv(TNLayer):
     n_modes: number of modes per side when no factors are given (default 2).
     kernel_mode: "own" (default: the kernel mode is a core of its own between the channel cores)
         or "in" (the kernel mode and the input channels form one mode: two steps, conv then 1x1).
+    pointwise: how the factorized path runs its 1x1 stages on contiguous (NCHW) inputs: "conv"
+        (default, the convolution kernel) or "gemm" (one batched matrix product per stage, no
+        layout conversion: markedly faster on CPU for large maps). Same result either way; the
+        speed planner picks by measured time.
 """
 
     def __init_subclass__(cls, **kw):
@@ -68,11 +74,12 @@ class _TNConv(TNLayer):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", *, ranks, in_factors=None, out_factors=None, n_modes=None,
-                 kernel_mode="own"):
+                 kernel_mode="own", pointwise="conv"):
         super().__init__()
         spec = type(self).dense_spec_from_args(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
-            ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes, kernel_mode=kernel_mode)
+            ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes, kernel_mode=kernel_mode,
+            pointwise=pointwise)
         spec["ranks"] = self._spec_ranks(spec, ranks)
         self._spec = spec
         self.in_channels, self.out_channels = spec["in_channels"], spec["out_channels"]
@@ -81,6 +88,7 @@ class _TNConv(TNLayer):
         self.dilation, self.groups, self.padding_mode = tuple(spec["dilation"]), 1, spec["padding_mode"]
         self.in_factors, self.out_factors = tuple(spec["in_factors"]), tuple(spec["out_factors"])
         self.kernel_mode = spec.get("kernel_mode", "own")
+        self.pointwise = spec.get("pointwise", "conv")
         fan_in = self.in_channels * math.prod(self.kernel_size)
         self._init_cores(spec, 1.0 / (3 * fan_in))  # = nn.ConvNd default (kaiming_uniform a=sqrt(5))
         if bias:
@@ -95,7 +103,7 @@ class _TNConv(TNLayer):
     @classmethod
     def dense_spec_from_args(cls, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                              groups=1, bias=True, padding_mode="zeros", *, ranks=None, in_factors=None,
-                             out_factors=None, n_modes=None, kernel_mode="own"):
+                             out_factors=None, n_modes=None, kernel_mode="own", pointwise="conv"):
         n = cls.dim
         where = f"{cls.__name__}({in_channels}->{out_channels}, kernel={kernel_size})"
         if groups != 1:
@@ -114,6 +122,8 @@ class _TNConv(TNLayer):
             pad = list(_tuple(padding, n, "padding", where))
         if kernel_mode not in cls.kernel_modes:
             raise ValueError(f"{where}: kernel_mode {kernel_mode!r}; valid: {cls.kernel_modes}")
+        if pointwise not in POINTWISE:
+            raise ValueError(f"{where}: pointwise {pointwise!r}; valid: {POINTWISE}")
         if kernel_mode == "in":  # one mode K*I: the input channels are not factorized
             if in_factors is not None and len(in_factors) != 1:
                 raise ValueError(f"{where}: kernel_mode='in' takes one input mode, got in_factors={in_factors}")
@@ -132,17 +142,21 @@ class _TNConv(TNLayer):
                 "padding_mode": padding_mode, "in_factors": list(fi), "out_factors": list(fo), "ranks": ranks}
         if kernel_mode != "own":  # only the non-default layout is written (older specs stay valid)
             spec["kernel_mode"] = kernel_mode
+        if pointwise != "conv":
+            spec["pointwise"] = pointwise
         return cls._norm_ranks(spec)
 
     @classmethod
-    def dense_spec(cls, module, *, ranks=None, in_factors=None, out_factors=None, n_modes=None, kernel_mode="own"):
+    def dense_spec(cls, module, *, ranks=None, in_factors=None, out_factors=None, n_modes=None, kernel_mode="own",
+                   pointwise="conv"):
         dense = _DENSE[cls.dim]
         if type(module) is not dense and not isinstance(module, dense):
             raise ValueError(f"{cls.__name__}.dense_spec: expected {dense.__name__}, got {type(module).__name__}")
         return cls.dense_spec_from_args(
             module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
             module.dilation, module.groups, module.bias is not None, module.padding_mode,
-            ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes, kernel_mode=kernel_mode)
+            ranks=ranks, in_factors=in_factors, out_factors=out_factors, n_modes=n_modes, kernel_mode=kernel_mode,
+            pointwise=pointwise)
 
     @classmethod
     def _where(cls, spec):
@@ -172,7 +186,7 @@ class _TNConv(TNLayer):
         return cls(spec["in_channels"], spec["out_channels"], spec["kernel_size"], spec["stride"], spec["padding"],
                    spec["dilation"], spec.get("groups", 1), spec.get("bias", True), spec.get("padding_mode", "zeros"),
                    ranks=spec["ranks"], in_factors=spec["in_factors"], out_factors=spec["out_factors"],
-                   kernel_mode=spec.get("kernel_mode", "own"))
+                   kernel_mode=spec.get("kernel_mode", "own"), pointwise=spec.get("pointwise", "conv"))
 
     # --------------------------------------------------------------------- forward
     def _padding_plan(self):
@@ -233,12 +247,19 @@ class _TNConv(TNLayer):
             return dense["conv"] < tn["in"] + tn["kernel"] + tn["out"]
         return sum(dense.values()) < sum(tn.values())
 
-    @staticmethod
-    def _pointwise(w, x, bias=None):
-        """1x1 convolution: w (M, C) row-major, x (B, C, *spatial) -> (B, M, *spatial). Run by the conv
-        kernel (measured faster than a batched GEMM over NCHW maps for most sizes at batch 32)."""
+    def _pointwise(self, w, x, bias=None):
+        """1x1 convolution: w (M, C), x (B, C, *spatial) -> (B, M, *spatial). ``pointwise="gemm"``
+        and a contiguous x: w @ x over the flattened maps (no layout conversion; which is faster
+        depends on the sizes and the machine, so the speed planner measures both); otherwise the
+        conv kernel."""
+        if self.pointwise == "gemm" and x.is_contiguous():
+            b, xs = x.shape[0], x.flatten(2)               # (B, C, L)
+            ws = w.expand(b, *w.shape)  # bmm, not matmul: matmul copies x when w requires grad
+            y = torch.bmm(ws, xs) if bias is None else \
+                torch.baddbmm(bias.view(1, -1, 1).expand(b, -1, xs.shape[2]), ws, xs)
+            return y.view(b, w.shape[0], *x.shape[2:])
         n = x.dim() - 2
-        return _CONV_FN[n](x, w.view(*w.shape, *([1] * n)), bias)
+        return _CONV_FN[n](x, w.contiguous().view(*w.shape, *([1] * n)), bias)
 
     def _factors(self):
         """The three small weights of the factorized path, merged from the cores:
@@ -264,13 +285,20 @@ class _TNConv(TNLayer):
             return canonical(w_in), None, w_out
         return canonical(w_in), canonical(kw), w_out
 
+    def _unit_kernel(self) -> bool:
+        """A 1x1 kernel at stride 1 without padding: the conv is a pointwise map."""
+        return (math.prod(self.kernel_size) == 1 and max(self.stride) == 1 and self._pad is None
+                and not any(self._conv_padding))
+
     def _factorized(self, x, store=None):
         unbatched = x.dim() == self.dim + 1
         if unbatched:
             x = x.unsqueeze(0)
         w_in, kw, w_out = self._memo(self._store() if store is None else store, "factors", self._factors)
         a = self.cores[0].shape[0]
-        if w_in is None:  # kernel_mode "in": one conv I -> A*r_a with the layer's kernel
+        if self._unit_kernel() and (w_in is None or kw is None):  # 1x1 kernel, unstrided, unpadded: I -> A*r_a
+            y = self._pointwise(kw.flatten(1) if w_in is None else w_in, x)
+        elif w_in is None:  # kernel_mode "in": one conv I -> A*r_a with the layer's kernel
             y = _CONV_FN[self.dim](self._pad_input(x), kw, None, self.stride, self._conv_padding, self.dilation)
         elif kw is None:  # 1x1 kernel: strided 1x1 conv I -> A*r_a (kernel core merged in)
             w = w_in.view(*w_in.shape, *([1] * self.dim))
@@ -323,7 +351,8 @@ class _TNConv(TNLayer):
     def _shape_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, in_factors={self.in_factors}, out_factors={self.out_factors}"
-                + (f", kernel_mode={self.kernel_mode!r}" if self.kernel_mode != "own" else ""))
+                + (f", kernel_mode={self.kernel_mode!r}" if self.kernel_mode != "own" else "")
+                + (f", pointwise={self.pointwise!r}" if self.pointwise != "conv" else ""))
 
 
 class TTConv1d(_TNConv):
