@@ -114,10 +114,12 @@ def test_eval_cache_reused_until_a_core_changes(monkeypatch, case):
     torch.testing.assert_close(y4, expect, rtol=1e-10, atol=1e-12)
 
 
-def test_torch_compile_inductor_compressed_model():
+@pytest.mark.parametrize("pointwise", ["conv", "gemm"])
+def test_torch_compile_inductor_compressed_model(pointwise):
     from tn_hf.layers import TTLinear
     torch.manual_seed(0)
-    model = nn.Sequential(TTConv2d(4, 8, 3, padding=1, ranks=3, in_factors=(2, 2), out_factors=(2, 4)),
+    model = nn.Sequential(TTConv2d(4, 8, 3, padding=1, ranks=3, in_factors=(2, 2), out_factors=(2, 4),
+                                   pointwise=pointwise),
                           nn.ReLU(), nn.Flatten(), TTLinear(8 * 16, 10, ranks=3)).eval()
     x = torch.randn(2, 4, 4, 4)
     compiled = torch.compile(model, backend="inductor")

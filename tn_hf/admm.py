@@ -209,7 +209,9 @@ class ADMMScheduler:
         self.updates = 0
         self.update_seconds = 0.0
         self.slots: list[_Slot] = []
-        for t in plan(self.model, config):
+        targets = plan(self.model, config)
+        self._kept_dense = targets.kept_dense  # the speed planner's: the pin keeps them dense
+        for t in targets:
             self.slots.extend(self._slots_for(t))
         if not self.slots:
             raise ValueError(f"ADMMScheduler: no target in {type(self.model).__name__} for {config}")
@@ -238,9 +240,8 @@ class ADMMScheduler:
         leaf = {s.target: list(s.ranks) for s in self.slots if s.name == s.target}
         layout = {s.target: {k: s.spec[k] for k in LAYOUT_KEYS if k in s.spec}
                   for s in self.slots if s.name == s.target}
-        kept = dict(getattr(self.model, "tn_hf_kept_dense", None) or {})  # the speed planner's, same plan
         self.model.tn_hf_pinned_ranks = {"config": self.config.to_dict(), "ranks": leaf, "layout": layout,
-                                         "kept_dense": kept}
+                                         "kept_dense": dict(self._kept_dense)}
 
     # ------------------------------------------------------------------ targets
     def _slots_for(self, t) -> list[_Slot]:

@@ -72,13 +72,6 @@ def _note(row: dict, layer, config) -> str | None:
     return f"{row['ratio']:.2f}x, not {asked:g}x: ranks are capped by the tensor's shape"
 
 
-def _plan(model, config) -> tuple[list, dict[str, str]]:
-    """``plan`` and the targets the speed planner kept dense ({name: reason}, see ``tn_hf.cost``)."""
-    model.__dict__.pop("tn_hf_kept_dense", None)
-    targets = plan(model, config)
-    return targets, model.__dict__.pop("tn_hf_kept_dense", None) or {}
-
-
 def _subclass_hint(model) -> str:
     """Names the subclasses of supported types (e.g. timm's weight-standardized StdConv2d) in ``model``:
     their forward differs from the base class's, so they are never targets."""
@@ -100,7 +93,8 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
         the ``CompressionReport`` (also kept as ``model.tn_hf_report`` for the model card).
     """
     config = as_config(config)
-    targets, kept = _plan(model, config)
+    targets = plan(model, config)
+    kept = targets.kept_dense  # {name: reason}: left dense by the speed planner (tn_hf.cost)
     if not targets and not kept:
         raise ValueError(f"compress: no module of {type(model).__name__} is a target for {config} "
                          "(all too small, skipped by default, or excluded)" + _subclass_hint(model))
@@ -141,7 +135,8 @@ def preview(model: nn.Module, config) -> CompressionReport:
     if config.rel_error is not None:
         raise ValueError("preview: TNConfig(rel_error=...) fixes the ranks only when decomposing; "
                          "use ranks= or compression_ratio=")
-    targets, kept = _plan(model, config)
+    targets = plan(model, config)
+    kept = targets.kept_dense  # {name: reason}: left dense by the speed planner (tn_hf.cost)
     probed = probe(model, [t.name for t in targets] + list(kept))
     rows = []
     for t in targets:

@@ -357,11 +357,12 @@ def _ranks_str(spec: dict) -> str:
     return "; ".join("-".join(str(v) for v in s["ranks"]) for s in _leaf_specs(spec))
 
 
-def plan_for_speed(model: nn.Module, targets: list, config, *, allocate, progress: bool = False) -> list:
-    """Refine ``targets`` (from ``targeting.plan``, whose rank allocation is ``allocate``) for speed; returns the targets that get a TN form.
+def plan_for_speed(model: nn.Module, targets: list, config, *, allocate,
+                   progress: bool = False) -> tuple[list, dict[str, str]]:
+    """Refine ``targets`` (from ``targeting.plan``, whose rank allocation is ``allocate``) for speed.
 
-    The others are recorded in ``model.tn_hf_kept_dense`` = {name: reason} (read by compress's
-    report). With a params/flops budget, the parameters of layers kept dense are taken out of
+    Returns (the targets that get a TN form, {name: reason} for the others, which stay dense and
+    are listed in compress's report). With a params/flops budget, the parameters of layers kept dense are taken out of
     the budget: the remaining targets are re-allocated at the ratio that keeps the total over
     all targets at ``compression_ratio`` (when that is still possible), then planned again.
     See the module docstring for the cost model and the rules."""
@@ -387,8 +388,7 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate, progres
         cm.save()
     if want:
         out, kept = _agree(targets, out, kept)
-    model.tn_hf_kept_dense = kept
-    return out
+    return out, kept
 
 
 def _rank() -> int:

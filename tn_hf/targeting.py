@@ -1,4 +1,4 @@
-"""Which modules get compressed, and at which ranks: ``plan(model, config) -> [Target]``.
+"""Which modules get compressed, and at which ranks: ``plan(model, config) -> Plan`` (a list of ``Target``).
 
 Default skips (what users of peft/torchao expect), applied when ``target_modules`` is None:
 the stem (timm ``pretrained_cfg["first_conv"]``; plain torch: the first conv), the head (timm
@@ -45,6 +45,15 @@ class Target:
     module: nn.Module
     cls: type
     spec: dict
+
+
+class Plan(list):
+    """What ``plan`` returns: the targets (a list of ``Target``) and ``kept_dense``, {name: reason}
+    for the targets the speed planner left dense (measured not faster, or not smaller)."""
+
+    def __init__(self, targets=(), kept_dense: dict[str, str] | None = None):
+        super().__init__(targets)
+        self.kept_dense = dict(kept_dense or {})
 
 
 def as_config(config) -> TNConfig:
@@ -153,8 +162,9 @@ def _skip_reason(model, name, module, config: TNConfig, explicit, excluded, shar
 
 
 # ----------------------------------------------------------------------------- plan
-def plan(model: nn.Module, config) -> list[Target]:
-    """Which modules get which TN class, with spec (ranks allocated where the config allows)."""
+def plan(model: nn.Module, config) -> Plan:
+    """Which modules get which TN class, with spec (ranks allocated where the config allows), and
+    which targets the speed planner kept dense (``Plan.kept_dense``)."""
     config = as_config(config)
     rank_dict = config.ranks if isinstance(config.ranks, dict) else None
     explicit = _names(config.target_modules) or (list(rank_dict) if rank_dict else [])
@@ -210,15 +220,14 @@ def plan(model: nn.Module, config) -> list[Target]:
                 layout = (pinned.get("layout") or {}).get(t.name, {})
                 t.spec = dict(t.spec, **layout, ranks=list(pinned["ranks"][t.name]))
         kept = pinned.get("kept_dense") or {}  # what the speed planner kept dense stays dense
-        targets = [t for t in targets if t.name not in kept]
-        model.tn_hf_kept_dense = dict(kept)
-    elif config.format == "tucker":  # per-layer ranks / ADA reshaping / shared core (layers.tucker)
+        return Plan([t for t in targets if t.name not in kept], kept)
+    if config.format == "tucker":  # per-layer ranks / ADA reshaping / shared core (layers.tucker)
         plan_tucker(targets, config)
     elif config.compression_ratio is not None and targets:
         if config.budget != "latency":  # latency: the speed planner picks the ranks
             _allocate(model, targets, config)
-        targets = plan_for_speed(model, targets, config, allocate=_allocate)  # keeps dense what is not smaller
-    return targets
+        return Plan(*plan_for_speed(model, targets, config, allocate=_allocate))  # keeps dense what is not smaller
+    return Plan(targets)
 
 
 def kernel_mode_for(config: TNConfig, name: str) -> str:

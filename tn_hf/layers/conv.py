@@ -98,6 +98,9 @@ class _TNConv(TNLayer):
             self.register_parameter("bias", None)
         # explicit padding (F.pad) for non-zero modes and asymmetric 'same'
         self._pad, self._conv_padding = self._padding_plan()
+        # a 1x1 kernel at stride 1 without padding: the conv is a pointwise map
+        self._unit = (math.prod(self.kernel_size) == 1 and max(self.stride) == 1 and self._pad is None
+                      and not any(self._conv_padding))
 
     # ---------------------------------------------------------------- tensorization
     @classmethod
@@ -285,18 +288,13 @@ class _TNConv(TNLayer):
             return canonical(w_in), None, w_out
         return canonical(w_in), canonical(kw), w_out
 
-    def _unit_kernel(self) -> bool:
-        """A 1x1 kernel at stride 1 without padding: the conv is a pointwise map."""
-        return (math.prod(self.kernel_size) == 1 and max(self.stride) == 1 and self._pad is None
-                and not any(self._conv_padding))
-
     def _factorized(self, x, store=None):
         unbatched = x.dim() == self.dim + 1
         if unbatched:
             x = x.unsqueeze(0)
         w_in, kw, w_out = self._memo(self._store() if store is None else store, "factors", self._factors)
         a = self.cores[0].shape[0]
-        if self._unit_kernel() and (w_in is None or kw is None):  # 1x1 kernel, unstrided, unpadded: I -> A*r_a
+        if self._unit and (w_in is None or kw is None):  # 1x1 kernel, unstrided, unpadded: I -> A*r_a
             y = self._pointwise(kw.flatten(1) if w_in is None else w_in, x)
         elif w_in is None:  # kernel_mode "in": one conv I -> A*r_a with the layer's kernel
             y = _CONV_FN[self.dim](self._pad_input(x), kw, None, self.stride, self._conv_padding, self.dilation)
