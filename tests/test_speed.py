@@ -186,6 +186,12 @@ def test_planner_keeps_slow_layers_dense_and_rebalances_budget(monkeypatch):
     assert rows["b"]["ratio"] > 3.2 and rows["fc1"]["ratio"] > 3.2
     y = m(torch.randn(2, 3, 8, 8))
     assert y.shape == (2, 10)
+    # plan() itself says what stays dense; nothing is left on the model
+    from tn_hf.targeting import plan
+    fresh = _Net().eval()
+    p = plan(fresh, cfg)
+    assert [t.name for t in p] == ["b", "fc1"] and list(p.kept_dense) == ["a"]
+    assert p.kept_dense["a"].startswith("TN not faster") and "tn_hf_kept_dense" not in vars(fresh)
 
 
 @pytest.mark.parametrize("others_at_1", [0.5, 0.95])
