@@ -115,7 +115,9 @@ NOTES = """
 - TT conv: modes (out factors, kernel, in factors), run as 1x1 conv I -> r_b, kxk conv
   r_b -> r_a, 1x1 conv r_a -> O with the merged factors cached in eval; or, with
   kernel_mode "in" (chosen by the planner where measured faster), modes (O, K*I): kxk conv
-  I -> r, 1x1 conv r -> O, one pass less over the activations. Ranks: the planner's
+  I -> r, 1x1 conv r -> O, one pass less over the activations. "1x1 stages as GEMMs"
+  (pointwise="gemm", chosen by the planner where measured faster): the 1x1 stages run as
+  batched matrix products over the NCHW maps instead of the conv kernel. Ranks: the planner's
   choice within dense/ratio params (aligned to multiples of 8/16 where that was measured
   faster). Targets (batch 32 eval, 256->256 3x3 @14x14): 4x <= 0.30x dense, 8x <= 0.18x.
 - TT linear: the default layout is the two-core low-rank form (in factors (1, I), out factors
@@ -207,6 +209,7 @@ def main():
                 form = f"kept dense: {kept}" if kept else "; ".join(
                     f"{c.in_factors if hasattr(c, 'in_features') else ''} ranks {c.ranks}".strip()
                     + (" (kernel_mode 'in': 3x3 -> 1x1)" if getattr(c, "kernel_mode", "own") == "in" else "")
+                    + (" (1x1 stages as GEMMs)" if getattr(c, "pointwise", "conv") == "gemm" else "")
                     for _, c in tn_targets(tn))
                 rows.append(dict(case=name, batch=batch, ratio=ratio, dense=t_dense[batch], tn=t_tn, tl=t_tl,
                                  form=form, p_dense=n_params(dense), p_tn=n_params(tn),
