@@ -74,7 +74,9 @@ def sync(device):
 
 
 def alternate(fns, repeats, device, warmup=2) -> list[float]:
-    """Median seconds of each fn, called in turn within every repeat (``alternate.fastest``: the minima)."""
+    """Median seconds of each fn, called in turn within every repeat (``alternate.fastest``: the minima;
+    ``alternate.paired``: per fn, the median over repeats of its time over the first fn's time in the same
+    repeat, the ratio least moved by load that comes and goes on a shared machine)."""
     for _ in range(warmup):
         for f in fns:
             f()
@@ -87,6 +89,7 @@ def alternate(fns, repeats, device, warmup=2) -> list[float]:
             sync(device)
             t.append(time.perf_counter() - t0)
     alternate.fastest = [min(t) for t in ts]
+    alternate.paired = [statistics.median(a / b for a, b in zip(t, ts[0])) for t in ts]
     return [statistics.median(t) for t in ts]
 
 
@@ -155,7 +158,7 @@ def floor_model(dense, names, x):
 
 
 def _row(base, mode, batch, td, tt):
-    return dict(base, mode=mode, batch=batch, ms_dense=td * 1e3, ms_tn=tt * 1e3, time_ratio=tt / td,
+    return dict(base, mode=mode, batch=batch, ms_dense=td * 1e3, ms_tn=tt * 1e3, time_ratio=alternate.paired[1],
                 fastest_ratio=alternate.fastest[1] / alternate.fastest[0])
 
 
@@ -191,13 +194,13 @@ def run_model(name, ratio, args, device):
     rows = []
     for b in ([] if args.compile_only else args.batches):
         x = randn(b)
-        reps = args.repeats or (15 if b == 1 else 5)
+        reps = args.repeats or (15 if b == 1 else 7)
         free = floor_model(dense, [r["name"] for r in report.rows], x)
         fns = [eval_fn(dense, x), eval_fn(tn, x)] + ([eval_fn(free, x)] if free is not None else [])
         td, tt, *tf = alternate(fns, reps, device)
-        rows.append(dict(_row(base, "eval" + suffix, b, td, tt), floor_ratio=tf[0] / td if tf else None))
+        rows.append(dict(_row(base, "eval" + suffix, b, td, tt), floor_ratio=alternate.paired[2] if tf else None))
         del free
-        print(f"{name} {ratio}x eval{suffix} b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms ({tt / td:.2f}x)",
+        print(f"{name} {ratio}x eval{suffix} b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms ({alternate.paired[1]:.2f}x)",
               flush=True)
     if args.train_batch and not args.compile_only:
         b = args.train_batch
@@ -208,17 +211,17 @@ def run_model(name, ratio, args, device):
         dense.eval()
         tn.eval()
         rows.append(_row(base, "train step" + suffix, b, td, tt))
-        print(f"{name} {ratio}x train{suffix} b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms ({tt / td:.2f}x)",
+        print(f"{name} {ratio}x train{suffix} b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms ({alternate.paired[1]:.2f}x)",
               flush=True)
     if name in args.compile:
         cd, ct = torch.compile(dense), torch.compile(tn)
         for b in args.batches:
             x = randn(b)
-            reps = args.repeats or (15 if b == 1 else 5)
+            reps = args.repeats or (15 if b == 1 else 7)
             td, tt = alternate([eval_fn(cd, x), eval_fn(ct, x)], reps, device, warmup=3)
             rows.append(_row(base, "eval, torch.compile" + suffix, b, td, tt))
             print(f"{name} {ratio}x compiled eval b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms "
-                  f"({tt / td:.2f}x)", flush=True)
+                  f"({alternate.paired[1]:.2f}x)", flush=True)
     return rows, {"model": name, "ratio": ratio, "layout": "channels_last" if cl else "contiguous",
                   "report": report.to_dict()}
 
@@ -252,10 +255,12 @@ def render(data) -> str:
              "(the dense model's convs are the stock nn.Conv2d). Rows \"channels_last\": dense and TN models both "
              "converted with model.to(memory_format=torch.channels_last) before compress (the planner then "
              "times layers in that format) and fed channels-last inputs. Eval: no_grad, dense and TN timed alternately in one process, "
-             "median of 15 (batch 1) / 5 (batch 32) repeats; train step: forward + backward + SGD step. "
-             "FLOPs: whole model, one sample (torch.utils.flop_counter). Target: the issue's bound on the time "
-             "ratio (medians); \"fastest\": ratio of the fastest repeats, the figure least disturbed by other load on "
-             "a shared machine.", "",
+             "15 (batch 1) / 7 (batch 32) repeats; train step: forward + backward + SGD step. "
+             "ms: medians; \"time TN/dense\" (and \"floor\"): the median over repeats of the TN time over the dense "
+             "time of the same repeat, the ratio least moved by load that comes and goes on a shared machine; "
+             "\"fastest\": ratio of the fastest repeats. "
+             "FLOPs: whole model, one sample (torch.utils.flop_counter). Target: the bound set for that row's time "
+             "ratio in the project's speed targets.", "",
              "| model | ratio | mode | batch | ms dense | ms TN | time TN/dense | target | fastest TN/dense "
              "| floor | params dense -> TN | GFLOPs dense -> TN | TN layers (two-step convs) / kept dense |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
