@@ -459,3 +459,7 @@ def test_planner_takes_the_gemm_form_only_when_measured_faster(monkeypatch, tmp_
     sched = ADMMScheduler(m2, cfg)
     sched.compress(m2, progress=False)
     assert m2.b.pointwise == fast and m2.b.spec()["ranks"] == m.b.spec()["ranks"]
+    # a channels-last model runs its 1x1 stages by the conv kernel whatever the spec says: not planned
+    m3 = _Net().eval().to(memory_format=torch.channels_last)
+    tn_hf.compress(m3, cfg, progress=False)
+    assert m3.b.pointwise == "conv"

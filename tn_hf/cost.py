@@ -31,10 +31,11 @@ layout of least FLOPs per parameter; TT conv: out-channel cores, kernel core, in
 run as 1x1 -> kxk -> 1x1), and for TT/TR convs with ``TNConfig(kernel_mode="auto")`` also the
 two-core layout ``kernel_mode="in"`` (run as kxk -> 1x1) at the same ``P``: one pass less over
 the activations, which is what memory-bound layers (large maps, few channels) pay for. The
-candidate of least mean time ratio over the planning batches wins; for convs the winner is timed
-once more with its 1x1 stages run as batched matrix products (``pointwise="gemm"``: no layout
-conversion; on CPU about 2-4x faster than the conv kernel for NCHW maps of 28x28 and more at
-batch 32, slower for small maps) and that form is taken when faster. The chosen layout and
+candidate of least mean time ratio over the planning batches wins; for convs in NCHW format the
+winner is timed once more with its 1x1 stages run as batched matrix products
+(``pointwise="gemm"``: no layout conversion; on CPU about 2-3x faster than the conv kernel for
+maps of 28x28 and more at batch 32, slower for small maps) and that form is taken when faster
+(channels-last inputs always take the conv kernel, which handles that format natively). The chosen layout and
 pointwise kernel are part of the spec (checkpoints and ADMM's pinned ranks carry both,
 ``ADMMScheduler.compress_config`` the layout).
 
@@ -344,7 +345,8 @@ def _choose(ev: _Eval | None, cls, candidates: list[dict], module, shape1):
     scored = sorted(((_score(r), i, s, r) for i, s in enumerate(fine) for r in [ev.ratios(s)]),
                     key=lambda z: (z[0], z[1]))
     _, _, best, r = scored[0]
-    if "gemm" in getattr(cls, "pointwise_modes", ()):  # the same form, its 1x1 stages run as matrix products
+    if "gemm" in getattr(cls, "pointwise_modes", ()) and not ev.channels_last:  # 1x1 stages as matrix products
+        # (channels-last inputs always take the conv kernel: nothing to compare there)
         alt = dict(best, pointwise="gemm")
         r_alt = ev.ratios(alt)
         if _score(r_alt) < _score(r):
