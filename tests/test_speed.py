@@ -20,6 +20,18 @@ def _canonical_strides(t):
     return tuple(reversed(s))
 
 
+def _conv_weights_seen(monkeypatch, what):
+    """Record ``what(weight)`` for every weight the TN convs hand to the 2d conv kernel."""
+    seen = []
+    real = conv_mod._CONV_FN[2]
+
+    def spy(x, w, *a, **k):
+        seen.append(what(w))
+        return real(x, w, *a, **k)
+    monkeypatch.setitem(conv_mod._CONV_FN, 2, spy)
+    return seen
+
+
 @pytest.mark.parametrize("fmt,dense_path", [("tt", False), ("tt", True), ("tr", False)])
 def test_strided_1x1_conv_fwd_bwd_matches_dense(monkeypatch, fmt, dense_path):
     """64->128 1x1 stride-2 conv (ResNet downsample): every weight reaching the conv kernel has
@@ -28,14 +40,7 @@ def test_strided_1x1_conv_fwd_bwd_matches_dense(monkeypatch, fmt, dense_path):
     torch.manual_seed(0)
     cls, ranks = (TTConv2d, [1, 7, 36, 36, 7, 1]) if fmt == "tt" else (TRConv2d, [2, 4, 12, 12, 4, 2])
     m = cls.from_dense(nn.Conv2d(64, 128, 1, stride=2, bias=True).to(D), ranks=ranks)
-    seen = []
-    real = conv_mod._CONV_FN[2]
-
-    def spy(x, w, *a, **k):
-        seen.append((tuple(w.shape), w.stride(), _canonical_strides(w)))
-        return real(x, w, *a, **k)
-
-    monkeypatch.setitem(conv_mod._CONV_FN, 2, spy)
+    seen = _conv_weights_seen(monkeypatch, lambda w: (tuple(w.shape), w.stride(), _canonical_strides(w)))
     monkeypatch.setattr(m, "use_dense_path", lambda *_: dense_path)
     x = torch.randn(3, 64, 9, 9, dtype=D, requires_grad=True)
     y = m(x)
@@ -425,13 +430,7 @@ def test_gemm_runs_the_1x1_stages_as_matrix_products(monkeypatch):
     channels-last input goes to the conv kernel throughout."""
     from tn_hf.layers import layer_from_spec
     m = layer_from_spec(dict(TTConv2d.dense_spec(nn.Conv2d(16, 16, 3, padding=1), ranks=4), pointwise="gemm"))
-    seen = []
-    real = conv_mod._CONV_FN[2]
-
-    def spy(x, w, *a, **k):
-        seen.append(tuple(w.shape[2:]))
-        return real(x, w, *a, **k)
-    monkeypatch.setitem(conv_mod._CONV_FN, 2, spy)
+    seen = _conv_weights_seen(monkeypatch, lambda w: tuple(w.shape[2:]))
     x = torch.randn(2, 16, 6, 6)
     m.contract(x)
     assert seen == [(3, 3)]
