@@ -294,7 +294,7 @@ class _TNConv(TNLayer):
             x = x.unsqueeze(0)
         w_in, kw, w_out = self._memo(self._store() if store is None else store, "factors", self._factors)
         a = self.cores[0].shape[0]
-        if self._unit and (w_in is None or kw is None):  # 1x1 kernel, unstrided, unpadded: I -> A*r_a
+        if self._unit:  # 1x1 kernel, unstrided, unpadded (one of w_in / kw is None): I -> A*r_a
             y = self._pointwise(kw.flatten(1) if w_in is None else w_in, x)
         elif w_in is None:  # kernel_mode "in": one conv I -> A*r_a with the layer's kernel
             y = _CONV_FN[self.dim](self._pad_input(x), kw, None, self.stride, self._conv_padding, self.dilation)
