@@ -118,6 +118,15 @@ def test_eval_cache_reused_until_a_core_changes(monkeypatch, case):
     assert len(calls) == n + 1
     torch.testing.assert_close(y4, expect, rtol=1e-10, atol=1e-12)
 
+    # a core replaced by a new Parameter invalidates too
+    with torch.no_grad():
+        m.cores[0] = torch.nn.Parameter(m.cores[0].detach() * 2)
+        n = len(calls)
+        y5 = m(x)
+    assert len(calls) == n + 1
+    torch.testing.assert_close(y5, ref(), rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(y5, y4)
+
 
 @pytest.mark.parametrize("pointwise", ["conv", "gemm"])
 def test_torch_compile_inductor_compressed_model(pointwise):

@@ -253,11 +253,14 @@ class TNLayer(nn.Module):
 
     def _store(self) -> dict | None:
         """The cache dict valid for the cores as they are now, or None while not caching (``cached``).
-        A forward takes it once and reads several entries from it (path, merged factors)."""
-        if not self.caching():
+        A forward takes it once and reads several entries from it (path, merged factors). This runs
+        on every forward, so it reads the cores straight from the list's dict (indexing an
+        ``nn.ParameterList`` costs microseconds, which a batch-1 forward of a small layer notices)."""
+        cores = tuple(self.cores._parameters.values())
+        if not self._caching(cores):
             return None
         key = (torch.is_inference_mode_enabled(),) + tuple((c.data_ptr(), c._version, c.dtype, c.device)
-                                                            for c in self.cores)
+                                                            for c in cores)
         cache = self.__dict__.get("_tn_cache")
         if cache is None or cache[0] != key:
             cache = self.__dict__["_tn_cache"] = (key, {})
@@ -273,9 +276,13 @@ class TNLayer(nn.Module):
 
     def caching(self) -> bool:
         """Whether ``cached`` keeps results now (no autograd recording, not compiling)."""
+        return self._caching(self.cores)
+
+    @staticmethod
+    def _caching(cores) -> bool:
         if torch.compiler.is_compiling():
             return False
-        return not (torch.is_grad_enabled() and any(c.requires_grad for c in self.cores))
+        return not (torch.is_grad_enabled() and any(c.requires_grad for c in cores))
 
     def train(self, mode: bool = True):
         self.__dict__.pop("_tn_cache", None)

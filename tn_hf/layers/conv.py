@@ -293,7 +293,6 @@ class _TNConv(TNLayer):
         if unbatched:
             x = x.unsqueeze(0)
         w_in, kw, w_out = self._memo(self._store() if store is None else store, "factors", self._factors)
-        a = self.cores[0].shape[0]
         if self._unit:  # 1x1 kernel, unstrided, unpadded (one of w_in / kw is None): I -> A*r_a
             y = self._pointwise(kw.flatten(1) if w_in is None else w_in, x)
         elif w_in is None:  # kernel_mode "in": one conv I -> A*r_a with the layer's kernel
@@ -303,6 +302,7 @@ class _TNConv(TNLayer):
             y = _CONV_FN[self.dim](self._pad_input(x), w, None, self.stride, self._conv_padding, self.dilation)
         else:
             y = self._pointwise(w_in, x)                  # (B, A*r_b, ...)
+            a = w_in.shape[0] // kw.shape[1]              # ring rank: one group per ring index
             y = _CONV_FN[self.dim](self._pad_input(y), kw, None, self.stride, self._conv_padding, self.dilation, a)
         y = self._pointwise(w_out, y, self.bias)
         return y.squeeze(0) if unbatched else y
