@@ -10,7 +10,8 @@ FORMATS = ("tt", "tr", "tucker")
 LAYER_TYPES = ("linear", "conv", "lstm", "gru")
 BUDGETS = ("params", "flops", "latency")
 ALLOCATIONS = ("global", "uniform")
-KERNEL_MODES = ("own", "in", "auto")
+CONV_LAYOUTS = ("own", "in")  # where a TT/TR conv's kernel mode sits (the layers' kernel_mode)
+KERNEL_MODES = CONV_LAYOUTS + ("auto",)  # TNConfig.kernel_mode: a layout, or chosen by the planner
 
 
 @dataclass

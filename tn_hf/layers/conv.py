@@ -27,12 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import CONV_LAYOUTS
 from .base import TNLayer, canonical, chain, chain_flops, check_factors, default_factors
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _DENSE = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-KERNEL_MODES = ("own", "in")
 POINTWISE = ("conv", "gemm")
 
 
@@ -47,7 +47,7 @@ def _tuple(v, n, what, where):
 
 class _TNConv(TNLayer):
     dim: int = 2
-    kernel_modes = KERNEL_MODES
+    kernel_modes = CONV_LAYOUTS
     pointwise_modes = POINTWISE
     _args_doc = """Args:
     in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode: as
