@@ -6,7 +6,7 @@
 For each model and compression ratio (by parameters over the targets; tn_hf.compress with
 allocation="uniform" and plan_for_speed=True: layers kept dense where TN is not faster):
   * eval latency (no_grad) at each batch: dense and TN timed alternately in one process,
-    median over repeats, after warm-up;
+    median over repeats, after warm-up (a repeat times calls in a row for at least SAMPLE_SECONDS);
   * one training step (forward + backward + SGD step) at --train-batch, timed the same way;
   * params and forward FLOPs of the whole model at batch 1 (torch.utils.flop_counter);
   * with --compile MODEL: the same eval timing for torch.compile(inductor) of both models.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import sys
 import time
@@ -73,21 +74,31 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+SAMPLE_SECONDS = 0.05  # each timed sample calls a fn this long at least (sub-millisecond calls jitter)
+
+
 def alternate(fns, repeats, device, warmup=2) -> list[float]:
-    """Median seconds of each fn, called in turn within every repeat (``alternate.fastest``: the minima;
-    ``alternate.paired``: per fn, the median over repeats of its time over the first fn's time in the same
-    repeat, the ratio least moved by load that comes and goes on a shared machine)."""
+    """Median seconds per call of each fn, the fns called in turn within every repeat; a sample runs
+    a fn ``n`` times in a row, ``n`` chosen after warm-up so that the slowest fn's sample lasts
+    ``SAMPLE_SECONDS`` (1 for calls that long). ``alternate.fastest``: the minima; ``alternate.paired``:
+    per fn, the median over repeats of its time over the first fn's time in the same repeat, the ratio
+    least moved by load that comes and goes on a shared machine."""
+    def timed(f, n):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            f()
+        sync(device)
+        return (time.perf_counter() - t0) / n
+
     for _ in range(warmup):
         for f in fns:
             f()
     sync(device)
+    n = max(1, math.ceil(SAMPLE_SECONDS / max(timed(f, 1) for f in fns)))
     ts = [[] for _ in fns]
     for _ in range(repeats):
         for f, t in zip(fns, ts):
-            t0 = time.perf_counter()
-            f()
-            sync(device)
-            t.append(time.perf_counter() - t0)
+            t.append(timed(f, n))
     alternate.fastest = [min(t) for t in ts]
     alternate.paired = [statistics.median(a / b for a, b in zip(t, ts[0])) for t in ts]
     return [statistics.median(t) for t in ts]
@@ -255,7 +266,8 @@ def render(data) -> str:
              "(the dense model's convs are the stock nn.Conv2d). Rows \"channels_last\": dense and TN models both "
              "converted with model.to(memory_format=torch.channels_last) before compress (the planner then "
              "times layers in that format) and fed channels-last inputs. Eval: no_grad, dense and TN timed alternately in one process, "
-             "15 (batch 1) / 7 (batch 32) repeats; train step: forward + backward + SGD step. "
+             "15 (batch 1) / 7 (batch 32) repeats, each repeat timing a run of calls at least "
+             f"{SAMPLE_SECONDS * 1e3:g} ms long (so sub-millisecond models are timed over many calls); train step: forward + backward + SGD step. "
              "ms: medians; \"time TN/dense\" (and \"floor\"): the median over repeats of the TN time over the dense "
              "time of the same repeat, the ratio least moved by load that comes and goes on a shared machine; "
              "\"fastest\": ratio of the fastest repeats. "

@@ -311,8 +311,8 @@ class _TNConv(TNLayer):
         if x.shape[-self.dim - 1] != self.in_channels:
             raise ValueError(f"{self._where(self._spec)}: input {tuple(x.shape)} has {x.shape[-self.dim - 1]} "
                              f"channels, expected {self.in_channels}")
-        store, shape = self._store(), tuple(x.shape)
-        if self._memo(store, ("path", shape), lambda: self.use_dense_path(shape)):
+        store, shape = self._store(), x.shape
+        if self._memo(store, shape, lambda: self.use_dense_path(tuple(shape))):   # the path for this input shape
             w = self._memo(store, "weight", lambda: canonical(self.weight))
             return _CONV_FN[self.dim](self._pad_input(x), w, self.bias, self.stride,
                                       self._conv_padding, self.dilation)
