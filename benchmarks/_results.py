@@ -19,8 +19,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def environment(device: torch.device | str = "cpu") -> dict:
     device = torch.device(device)
-    return {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cores": os.cpu_count(), "python": platform.python_version(), "tn_hf": tn_hf.__version__}
+    env = {"device": device_name(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "cores": os.cpu_count(), "python": platform.python_version(), "tn_hf": tn_hf.__version__}
+    try:
+        import timm
+        env["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return env
 
 
 def write(name: str, data: dict, markdown: str, out_dir: Path | str = RESULTS) -> Path:

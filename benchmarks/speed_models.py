@@ -254,7 +254,7 @@ def _f2(v) -> str:
 def render(data) -> str:
     env = data["env"]
     lines = ["# Whole-model speed: tn_hf compressed vs dense", "",
-             f"torch {env.get('torch')}, {env.get('threads')} threads, {env.get('cpu')}, device {env.get('device')}"
+             f"torch {env.get('torch')}, {env.get('threads')} threads of {env.get('cores')} cores, device {env.get('device')}"
              f"{', GPU ' + env['gpu'] if env.get('gpu') else ''}; timm {env.get('timm', '-')}. Random init; "
              "tn_hf.compress(TNConfig(compression_ratio=R, allocation=\"uniform\", plan_for_speed=True)): "
              "params budget, "
@@ -286,8 +286,10 @@ def render(data) -> str:
             f"{r['params_dense'] / 1e6:.2f}M -> {r['params_tn'] / 1e6:.2f}M | "
             f"{r['flops_dense'] / 1e9:.3f} -> {r['flops_tn'] / 1e9:.3f} | "
             f"{r['targets'] - r['kept_dense']} ({r.get('two_step_convs', '-')}) / {r['kept_dense']} |")
-    lines += ["", "FLOPs: torch.utils.flop_counter does not count the fused nn.LSTM kernel, so the dense tt_lstm "
-              "model shows 0 (its input projection alone is 2 x 8 x 57600 x 1024 = 0.94 GFLOP per sample). "
+    lstm = any(r["model"] == "tt_lstm" for r in data["rows"])
+    lines += ["", ("FLOPs: torch.utils.flop_counter does not count the fused nn.LSTM kernel, so the dense tt_lstm "
+                   "model shows 0 (its input projection alone is 2 x 8 x 57600 x 1024 = 0.94 GFLOP per sample). "
+                   if lstm else "") +
               "\"floor\": time of the dense model with every target layer (compressed or kept dense) "
               "replaced by a stub that only writes a zero output of the layer's shape, over the dense time: the "
               "part of the model compression does not touch (BatchNorm, activations, pooling, depthwise convs, "
