@@ -184,7 +184,8 @@ def run_model(name, ratio, args, device):
     t0 = time.perf_counter()
     cfg = {"benchmark": tn_hf.TNConfig(compression_ratio=ratio, allocation=args.allocation, plan_for_speed=True),
            "defaults": tn_hf.TNConfig(compression_ratio=ratio),
-           "size-only": tn_hf.TNConfig(compression_ratio=ratio, plan_for_speed=False)}[args.config]
+           "size-only": tn_hf.TNConfig(compression_ratio=ratio, plan_for_speed=False),
+           "time": tn_hf.TNConfig(compression_ratio=ratio, allocation="time")}[args.config]
     if args.config != "benchmark":
         suffix += f", TNConfig {args.config}"
     report = tn_hf.compress(tn, cfg, progress=False)
@@ -244,7 +245,8 @@ _TARGETS = {  # (model, ratio, batch): max eval time ratio, from the project's s
     ("vit_small_patch16_224", 3.0, 32): 0.6, ("vit_small_patch16_224", 3.0, 1): 0.9,
     ("small_cnn", 8.0, 32): 0.6, ("small_cnn", 8.0, 1): 1.0,
 }
-TARGETS = {(m, r, mode, b): v for (m, r, b), v in _TARGETS.items() for mode in ("eval", "eval, channels_last")}
+TARGETS = {(m, r, mode, b): v for (m, r, b), v in _TARGETS.items()
+           for mode in ("eval", "eval, channels_last", "eval, TNConfig time")}
 
 
 def _f2(v) -> str:
@@ -298,7 +300,9 @@ def render(data) -> str:
               ">= 0.9 or batch 1 ratio >= 1.0) or whose TN form would not be smaller.",
               "Rows \"TNConfig defaults\": `tn_hf.compress(model, TNConfig(compression_ratio=R))` as a user calls it "
               "(global allocation, measured planning); \"TNConfig size-only\": the same with plan_for_speed=False "
-              "(size alone decides, the default before measured planning was).",
+              "(size alone decides, the default before measured planning was); \"TNConfig time\": "
+              "`TNConfig(compression_ratio=R, allocation=\"time\")`, the same params budget spread over the layers "
+              "by measured time (each layer timed at several sizes; the budget goes where it saves the most time).",
               "", "## Layers kept dense (reasons from the compression report)", ""]
     for rep in data.get("reports", []):
         kept = [(row["name"], row["kept_dense"]) for row in rep["report"]["rows"] if row.get("kept_dense")]
@@ -321,7 +325,7 @@ def main():
     ap.add_argument("--compile-only", action="store_true", help="only the torch.compile timings")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--allocation", default="uniform", choices=["uniform", "global"])
-    ap.add_argument("--config", choices=("benchmark", "defaults", "size-only"), default="benchmark",
+    ap.add_argument("--config", choices=("benchmark", "defaults", "size-only", "time"), default="benchmark",
                     help="benchmark: uniform allocation, measured planning; defaults: TNConfig(compression_ratio=R) "
                          "as a user calls it; size-only: the same with plan_for_speed=False (rows suffixed)")
     ap.add_argument("--channels-last", action="store_true",

@@ -116,6 +116,7 @@ def test_compress_from_hub_id_records_base_model(hub, tmp_path, capsys):
     (["compress", "test_resnet", "--ratio", "1", "--out", "o"], "--ratio must be > 1"),
     (["compress", "test_resnet", "--ratio", "abc", "--out", "o"], "--ratio must be a number"),
     (["compress", "test_resnet", "--format", "cp", "--ratio", "3", "--out", "o"], "invalid choice"),
+    (["compress", "test_resnet", "--allocation", "fast", "--ratio", "3", "--out", "o"], "invalid choice"),
     (["inspect", "/no/such/folder"], "is not a checkpoint folder"),
     (["push", "/no/such/folder", "org/x"], "is not a folder"),
     (["frobnicate"], "invalid choice"),
@@ -193,6 +194,19 @@ def test_timm_name_loads_pretrained_or_says_how_not_to(hub, tmp_path, capsys):
     assert main(["compress", "test_resnet", "--random-init", "--ratio", "3", "--targets", "layer4.0.conv2",
                  "--out", str(out)]) == 0
     assert "Random weights" in (out / "README.md").read_text()
+
+
+def test_compress_forwards_the_allocation(monkeypatch, capsys):
+    import tn_hf.config as config
+    seen = []
+
+    class Spy(config.TNConfig):
+        def __post_init__(self):
+            seen.append(self.allocation)
+            raise ValueError("stopped after the config")
+    monkeypatch.setattr(config, "TNConfig", Spy)
+    assert main(["compress", "test_resnet", "--ratio", "3", "--allocation", "time", "--dry-run"]) == 2
+    assert seen == ["time"] and "stopped after the config" in _err_line(capsys)
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):

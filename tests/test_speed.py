@@ -307,6 +307,42 @@ def test_latency_budget_is_a_time_ratio(monkeypatch):
         tn_hf.TNConfig(compression_ratio=2.0, budget="speed")
 
 
+@pytest.mark.parametrize("cheap", ["b", "fc1"])
+def test_time_allocation_spends_the_budget_where_params_cost_least_time(monkeypatch, cheap):
+    # synthetic cost: TN time = k x (TN params / dense params), k 0.2 for the "cheap" layer, 1.0 for the other
+    def fn(spec, shape):
+        from tn_hf.layers import registry
+        layer = registry[spec["class"]].from_spec(spec)
+        k = 0.2 if (spec["class"] == "TTLinear") == (cheap == "fc1") else 1.0
+        return k * sum(c.numel() for c in layer.cores) / layer.dense_params()
+    _fake_costs(monkeypatch, fn)
+    m = _Net().eval()
+    cfg = tn_hf.TNConfig(compression_ratio=3.0, allocation="time", target_modules=["b", "fc1"])
+    rows = {r["name"]: r for r in tn_hf.compress(m, cfg, progress=False).rows}
+    dear = "fc1" if cheap == "b" else "b"
+    dense = {"b": 64 * 64 * 9, "fc1": 64 * 256}
+    tn = {n: sum(c.numel() for c in getattr(m, n).cores) for n in dense}
+    # the targets as a whole at the ratio asked for or a little above (grid steps and aligned ranks leave
+    # part of the budget unspent), the cheap layer larger than uniform
+    assert 3.0 <= sum(dense.values()) / sum(tn.values()) <= 3.6, tn
+    assert rows[cheap]["ratio"] < 3.0 < rows[dear]["ratio"], rows
+    # the uniform allocation of the same budget is slower under this cost
+    def total(ratios):
+        return sum((0.2 if n == cheap else 1.0) / r for n, r in ratios.items())
+    assert total({n: rows[n]["ratio"] for n in dense}) < total({n: 3.0 for n in dense})
+    with pytest.raises(ValueError, match="allocation='time'.*budget='params'"):
+        tn_hf.TNConfig(compression_ratio=3.0, allocation="time", budget="flops")
+
+
+def test_time_allocation_without_input_shapes_is_uniform(monkeypatch):
+    calls = _fake_costs(monkeypatch, lambda spec, shape: 0.5)
+    m = _Net().eval()
+    del m.pretrained_cfg  # no declared input size: nothing can be timed
+    rows = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, allocation="time", target_modules=["b", "fc1"]),
+                          progress=False).rows
+    assert calls == [] and all(2.9 <= r["ratio"] <= 3.3 for r in rows), rows
+
+
 def test_size_check_rejects_tn_larger_than_dense():
     conv = nn.Conv2d(64, 8, 1)
     spec = TTConv2d.dense_spec(conv, n_modes=1)

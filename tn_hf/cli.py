@@ -165,7 +165,7 @@ def cmd_compress(args) -> int:
         raise UserError(f"--out {out} exists and is not a folder")
     try:
         cfg = TNConfig(format=args.format, compression_ratio=args.ratio, plan_for_speed=not args.no_speed_plan,
-                       target_modules=args.targets or None, exclude_modules=args.exclude or None)
+                       allocation=args.allocation, target_modules=args.targets or None, exclude_modules=args.exclude or None)
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"loading {args.source} ...")
@@ -218,6 +218,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
+    from .config import ALLOCATIONS
     p = _Parser(prog=PROG, description="Tensor-Train / Tensor-Ring compression for Hugging Face and timm models.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{compress,inspect,push,demo}",
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-speed-plan", action="store_true",
                    help="choose ranks by size alone (deterministic); by default each layer's forms are timed "
                         "on this machine and layers not faster as TN stay dense")
+    c.add_argument("--allocation", choices=ALLOCATIONS, default="global",
+                   help="how the ratio's parameter budget is spread over the layers: global (by weight spectra), "
+                        "uniform (every layer at the ratio) or time (where it saves the most measured time)")
     c.add_argument("--dry-run", action="store_true",
                    help="print the per-layer plan (params, FLOPs, ranks) without decomposing or writing")
     c.add_argument("--out", help="output folder (only the checkpoint's files are written into it)")

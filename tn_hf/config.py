@@ -9,7 +9,7 @@ from typing import Any
 FORMATS = ("tt", "tr", "tucker")
 LAYER_TYPES = ("linear", "conv", "lstm", "gru")
 BUDGETS = ("params", "flops", "latency")
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "time")
 CONV_LAYOUTS = ("own", "in")  # where a TT/TR conv's kernel mode sits (the layers' kernel_mode)
 KERNEL_MODES = CONV_LAYOUTS + ("auto",)  # TNConfig.kernel_mode: a layout, or chosen by the planner
 
@@ -24,7 +24,10 @@ class TNConfig:
       ranks) or ``{module_name: int | list}``.
     * ``compression_ratio``: dense params / TN params over the targeted layers as a whole;
       ranks are allocated per layer (``allocation="global"``: layers whose singular spectra
-      decay fast give more; ``"uniform"``: every layer at this ratio).
+      decay fast give more; ``"uniform"``: every layer at this ratio; ``"time"``: with measured
+      planning, the same parameter budget spread where it costs the least measured time, each
+      layer timed at several sizes - the fastest model of that size, blind to the weights;
+      uniform where nothing can be timed).
     * ``rel_error``: per-layer relative Frobenius error bound of the decomposition
       (``max_rank`` caps the ranks).
 
@@ -109,6 +112,9 @@ class TNConfig:
             raise ValueError(f"TNConfig.budget={self.budget!r}: valid choices are {BUDGETS}")
         if self.allocation not in ALLOCATIONS:
             raise ValueError(f"TNConfig.allocation={self.allocation!r}: valid choices are {ALLOCATIONS}")
+        if self.allocation == "time" and self.budget != "params":
+            raise ValueError(f"TNConfig.allocation='time' spends a parameter budget: it needs budget='params' "
+                             f"(got budget={self.budget!r})")
         for opt in ("adaptive_reshape", "shared_core"):
             if getattr(self, opt) and self.format != "tucker":
                 raise ValueError(f"TNConfig.{opt}=True needs format='tucker' (got format={self.format!r})")

@@ -47,6 +47,14 @@ per batch-1 time lost first, as long as the batch-1 time the other TN layers sav
 parameters of layers kept dense leave the budget: the other targets are re-allocated at the ratio that keeps
 the targets as a whole at ``compression_ratio`` (while possible), and planned again.
 
+``allocation="time"`` (params budget): the budget itself is spread by measured time
+(``_allocate_by_time``). Every target is timed at the param ratios of ``LATENCY_GRID`` up to
+``TIME_SPAN`` x R (each ratio's best form as above), and the dense layer is a choice too; the
+choices that fill the budget at the least total time are taken. Smaller forms are always faster, so
+what this trades is where the parameters sit: layers whose time grows least per parameter (large
+weights on small maps, as in the last stages of a CNN) get more of them, layers on large maps less,
+and a layer may stay dense when that is the cheapest use of its share.
+
 ``budget="latency"``: ``compression_ratio`` R is a time ratio. For each target, over the param
 ratios ``LATENCY_GRID`` (ascending, so descending size) the first whose best candidate runs at
 <= 1/R of the dense time at batch 32 (and no slower at batch 1) is taken: the largest TN form
@@ -81,6 +89,7 @@ MIN_FILL = 0.85
 ALIGN = (8, 16)
 REALLOCATE_PASSES = 3
 LATENCY_GRID = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+TIME_SPAN = 8    # allocation="time" compares, per target, the param ratios of LATENCY_GRID up to TIME_SPAN x R
 MIN_SECONDS = 0.1       # total measured time per entry (repeats grow until reached)
 _CACHE_VERSION = 2      # entries: [fastest TN seconds, fastest dense seconds]
 log = logging.getLogger("tn_hf.cost")
@@ -374,9 +383,12 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate,
     cm = CostModel()
     kept: dict[str, str] = {}
     try:
-        out = _plan_targets(cm, targets, config, config.compression_ratio, probed, kept, progress, measured)
+        if config.allocation == "time" and measured:
+            out = _allocate_by_time(cm, targets, config, probed, kept, progress)
+        else:
+            out = _plan_targets(cm, targets, config, config.compression_ratio, probed, kept, progress, measured)
         size = {t.name: _dense_params(t.cls, t.module) for t in targets}
-        for _ in range(REALLOCATE_PASSES if config.budget != "latency" else 0):
+        for _ in range(REALLOCATE_PASSES if config.budget != "latency" and config.allocation != "time" else 0):
             rest = sum(size[t.name] for t in out)
             budget = sum(size.values()) / config.compression_ratio - (sum(size.values()) - rest)
             if not out or budget <= 0 or rest / budget <= config.compression_ratio * 1.01:
@@ -415,6 +427,28 @@ def _agree(targets, out, kept):
     return chosen, kept
 
 
+def _evaluator(cm, t, probed, measured: bool):
+    """(the target's _Eval, or None where its input shape is unknown or nothing is timed; its batch-1 shape)."""
+    seen = probed.get(t.name)
+    shapes = plan_shapes(t.module, seen.shape if seen else None)
+    ev = _Eval(cm, t, shapes, bool(seen and seen.channels_last)) if (shapes and measured) else None
+    return ev, (shapes[1] if shapes else None)
+
+
+def _candidates(t, config, ev: _Eval | None, ratio: float, q: float | None = None) -> list[dict]:
+    """The forms compared for one target: its allocated spec (or every matrix at param ratio ``q``),
+    its aligned-rank variants and, when timed and allowed, the other conv layout at the same size."""
+    composite = getattr(t.cls, "composite", False)
+    base = spec_at_ratio(t.cls, t.spec, q if q is not None else ratio) if (composite or q is not None) else t.spec
+    if composite:
+        return [base]
+    out = aligned_variants(t.cls, base)
+    if ev is not None and _may_switch_layout(t, config):  # the other conv layout, same size
+        alt = t.cls.dense_spec(t.module, kernel_mode="in", n_modes=config.n_modes)
+        out += aligned_variants(t.cls, spec_at_ratio(t.cls, alt, _dense_params(t.cls, t.module) / _params(base)))
+    return out
+
+
 def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) -> list:
     latency = config.budget == "latency"
     out = []
@@ -422,21 +456,10 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
     slower_at_1: list = []  # (target, spec, TN/dense seconds per batch): faster at batch 32 only
     for t in tqdm(targets, desc="tn_hf plan (measuring)", disable=not progress):
         composite = getattr(t.cls, "composite", False)
-        seen = probed.get(t.name)
-        shapes = plan_shapes(t.module, seen.shape if seen else None)
-        ev = _Eval(cm, t, shapes, bool(seen and seen.channels_last)) if (shapes and measured) else None
-        shape1 = shapes[1] if shapes else None
+        ev, shape1 = _evaluator(cm, t, probed, measured)
 
-        def cands(q=None, t=t, composite=composite):
-            base = spec_at_ratio(t.cls, t.spec, q if q is not None else ratio) \
-                if (composite or q is not None) else t.spec
-            if composite:
-                return [base]
-            out = aligned_variants(t.cls, base)
-            if ev is not None and _may_switch_layout(t, config):  # the other conv layout, same size
-                alt = t.cls.dense_spec(t.module, kernel_mode="in", n_modes=config.n_modes)
-                out += aligned_variants(t.cls, spec_at_ratio(t.cls, alt, _dense_params(t.cls, t.module) / _params(base)))
-            return out
+        def cands(q=None, t=t, ev=ev):
+            return _candidates(t, config, ev, ratio, q)
 
         if not latency:
             spec, r, why = _choose(ev, t.cls, cands(), t.module, shape1)
@@ -464,6 +487,81 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
         if ev is not None and r is not None:
             saved[t.name] = ev.times(spec)
     return _admit(targets, out, saved, slower_at_1, kept)
+
+
+def _allocate_by_time(cm, targets, config, probed, kept, progress) -> list:
+    """``allocation="time"``: the params budget (the targets as a whole at ``compression_ratio``) goes
+    where it saves the most measured time. Each timed target's choices: the best form (``_choose``)
+    at every param ratio of ``LATENCY_GRID`` up to ``TIME_SPAN`` x the ratio asked for, where that
+    form passes the keep-dense test, and the dense layer. A choice costs its seconds at each planning batch over the dense targets' total at that batch,
+    summed over the batches. Smaller forms are faster, so the budget is spent, not saved: one
+    multiplier ``lam`` values parameters, every target takes the choice of least
+    ``cost - lam * params / budget``, ``lam`` the largest (bisection) whose choices fit the budget;
+    what is left under it goes to the upgrades of least time per parameter. Targets whose input shape
+    is unknown keep the uniform ratio, and their size counts."""
+    budget = sum(_dense_params(t.cls, t.module) for t in targets) / config.compression_ratio
+    untimed = [t for t in targets if _evaluator(cm, t, probed, True)[0] is None]
+    fixed = _plan_targets(cm, untimed, config, config.compression_ratio, probed, kept, False, False)
+    budget -= sum(_params(t.spec) for t in fixed) + sum(_dense_params(t.cls, t.module) for t in untimed
+                                                       if t.name in kept)
+    options: dict[str, list] = {}  # name -> [(params, {batch: seconds}, spec or None for dense)]
+    skip = {t.name for t in untimed}
+    for t in tqdm([t for t in targets if t.name not in skip], desc="tn_hf plan (timing sizes)", disable=not progress):
+        ev, shape1 = _evaluator(cm, t, probed, True)
+        found, first_why = [], None
+        for q in (q for q in LATENCY_GRID if q <= TIME_SPAN * config.compression_ratio):
+            spec, r, why = _choose(ev, t.cls, _candidates(t, config, ev, q, q), t.module, shape1)
+            if why is None:
+                found.append((spec, r))
+            first_why = first_why or why
+        if not found:
+            kept[t.name] = first_why or "TN not faster at any size"
+            budget -= _dense_params(t.cls, t.module)
+            continue
+        dense_s = {b: d for b, (_, d) in ev.times(found[0][0]).items()}
+        options[t.name] = [(_params(spec), {b: r[b] * dense_s[b] for b in r}, spec) for spec, r in found] \
+            + [(_dense_params(t.cls, t.module), dense_s, None)]
+    if not options:
+        return fixed
+    total = {b: sum(o[-1][1][b] for o in options.values()) for b in PLAN_BATCHES}
+    scale = max(budget, 1.0)
+
+    def cost(c):
+        return sum(c[1][b] / total[b] for b in total)
+
+    def pick(lam):  # parameters are capacity the budget allows: worth lam each
+        return {n: min(o, key=lambda c: cost(c) - lam * c[0] / scale) for n, o in options.items()}
+
+    def size(choice):
+        return sum(c[0] for c in choice.values())
+    lo, hi = 0.0, 1.0
+    while size(pick(hi)) <= budget and hi < 1e6:
+        lo, hi = hi, hi * 4
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if size(pick(mid)) <= budget else (lo, mid)
+    choice = pick(lo)
+    while True:  # the discrete gap left under the budget: the upgrade that costs least time per param
+        room = budget - size(choice)
+        ups = [((cost(c) - cost(choice[n])) / (c[0] - choice[n][0]), n, c) for n, o in options.items()
+               for c in o if 0 < c[0] - choice[n][0] <= room]
+        if not ups:
+            break
+        _, n, c = min(ups, key=lambda u: u[0])
+        choice[n] = c
+    out = list(fixed)
+    for t in targets:
+        if t.name not in choice:
+            continue
+        spec = choice[t.name][2]
+        if spec is None:
+            kept[t.name] = "the time allocation spends the params budget where it saves more time"
+            continue
+        log.info("%s: TN %s, %d params (time allocation)", t.name, _ranks_str(spec), _params(spec))
+        t.spec = spec
+        out.append(t)
+    order = {t.name: i for i, t in enumerate(targets)}
+    return sorted(out, key=lambda t: order[t.name])
 
 
 def _admit(targets, out, saved, slower_at_1, kept) -> list:

@@ -267,7 +267,7 @@ def _allocate(model, targets: list[Target], config: TNConfig) -> None:
         return
     ranks = allocate_ranks(tensors, format=config.format, compression_ratio=config.compression_ratio,
                            budget=config.budget, flops_per_param=fpp if config.budget == "flops" else None,
-                           allocation=config.allocation)
+                           allocation="uniform" if config.allocation == "time" else config.allocation)
     for t in targets:
         if t.name in ranks:
             t.spec = dict(t.spec, ranks=list(ranks[t.name]))
