@@ -334,6 +334,26 @@ def test_time_allocation_spends_the_budget_where_params_cost_least_time(monkeypa
         tn_hf.TNConfig(compression_ratio=3.0, allocation="time", budget="flops")
 
 
+def test_layers_kept_dense_shrink_when_they_alone_exceed_the_budget(monkeypatch):
+    # conv "a" (9216 weights) is faster as TN only at <= 1/6 of its size; with fc1 (16384) at 3x the
+    # budget is 8533, less than "a" alone: keeping "a" dense would leave the targets at 1.7x
+    def fn(spec, shape):
+        from tn_hf.layers import registry
+        layer = registry[spec["class"]].from_spec(spec)
+        small = sum(c.numel() for c in layer.cores) <= layer.dense_params() / 6
+        return 1.3 if spec.get("in_channels") == 16 and not small else 0.5
+    _fake_costs(monkeypatch, fn)
+    m = _Net().eval()
+    rows = {r["name"]: r for r in tn_hf.compress(
+        m, tn_hf.TNConfig(compression_ratio=3.0, allocation="uniform", target_modules=["a", "fc1"]),
+        progress=False).rows}
+    assert isinstance(m.a, TTConv2d) and not rows["a"].get("kept_dense"), rows
+    assert rows["a"]["ratio"] >= 5.5, rows  # the report's ratio counts the bias too
+    assert rows["fc1"]["ratio"] <= 3.5, rows  # the other layer keeps its share (not crushed to make room)
+    dense = 16 * 64 * 9 + 64 * 256
+    assert dense / sum(sum(c.numel() for c in getattr(m, n).cores) for n in ("a", "fc1")) >= 3.0 * 0.99
+
+
 def test_time_allocation_without_input_shapes_is_uniform(monkeypatch):
     calls = _fake_costs(monkeypatch, lambda spec, shape: 0.5)
     m = _Net().eval()

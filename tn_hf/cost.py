@@ -45,7 +45,10 @@ Keep dense (measured). A target also stays dense when its best form is not faste
 per batch-1 time lost first, as long as the batch-1 time the other TN layers save pays for it
 (measured seconds), so that the targets together are no slower at batch 1 than dense. The
 parameters of layers kept dense leave the budget: the other targets are re-allocated at the ratio that keeps
-the targets as a whole at ``compression_ratio`` (while possible), and planned again.
+the targets as a whole at ``compression_ratio`` (while possible), and planned again. Where the layers kept
+dense would leave the others less than half their share (one large layer in a small model: the others
+would go to over twice the ratio asked for, or the ratio could not be met at all), they instead take,
+largest first, the largest form of their share or smaller that is faster than dense (``_shrink_kept``).
 
 ``allocation="time"`` (params budget): the budget itself is spread by measured time
 (``_allocate_by_time``). Every target is timed at the param ratios of ``LATENCY_GRID`` up to
@@ -388,16 +391,26 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate,
         else:
             out = _plan_targets(cm, targets, config, config.compression_ratio, probed, kept, progress, measured)
         size = {t.name: _dense_params(t.cls, t.module) for t in targets}
+        total, goal = sum(size.values()), config.compression_ratio
+        shrunk: list = []  # layers not faster at their allocated size, given a smaller form that is
+
+        def left(extra=()):  # the budget the layers in `out` share
+            return total / goal - sum(size[n] for n in kept) - sum(_params(t.spec) for t in [*shrunk, *extra])
         for _ in range(REALLOCATE_PASSES if config.budget != "latency" and config.allocation != "time" else 0):
             rest = sum(size[t.name] for t in out)
-            budget = sum(size.values()) / config.compression_ratio - (sum(size.values()) - rest)
-            if not out or budget <= 0 or rest / budget <= config.compression_ratio * 1.01:
+            if measured and left() < rest / (2 * goal):  # the layers kept dense crowd the others out
+                shrunk += _shrink_kept(cm, targets, kept, config, probed,
+                                       lambda new, rest=rest: left(new) < rest / (2 * goal))
+            budget = left()
+            if not out or budget <= 0 or rest / budget <= goal * 1.01:
                 break
             ratio, n_kept = rest / budget, len(kept)
             allocate(model, out, dataclasses.replace(config, compression_ratio=ratio))
             out = _plan_targets(cm, out, config, ratio, probed, kept, progress, measured)
             if len(kept) == n_kept:
                 break
+        order = {t.name: i for i, t in enumerate(targets)}
+        out = sorted(out + shrunk, key=lambda t: order[t.name])
     finally:
         cm.save()
     if want:
@@ -487,6 +500,28 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
         if ev is not None and r is not None:
             saved[t.name] = ev.times(spec)
     return _admit(targets, out, saved, slower_at_1, kept)
+
+
+def _shrink_kept(cm, targets, kept, config, probed, short) -> list:
+    """Layers kept dense because their allocated form is not faster, largest first, while ``short(taken)``
+    (their dense size leaves the other targets too small a budget): each takes the largest form of at
+    most 1/``compression_ratio`` of its size that is faster than dense. Returns the layers taken."""
+    taken: list = []
+    goal = config.compression_ratio
+    for t in sorted((t for t in targets if t.name in kept), key=lambda t: -_dense_params(t.cls, t.module)):
+        if not short(taken):
+            break
+        ev, shape1 = _evaluator(cm, t, probed, True)
+        for q in ([goal] + [q for q in LATENCY_GRID if q > goal]) if ev is not None else []:
+            spec, _, why = _choose(ev, t.cls, _candidates(t, config, ev, q, q), t.module, shape1)
+            if why is None:
+                log.info("%s: TN %s, %d params (kept dense, it left the other targets too small a budget)",
+                         t.name, _ranks_str(spec), _params(spec))
+                t.spec = spec
+                kept.pop(t.name)
+                taken.append(t)
+                break
+    return taken
 
 
 def _allocate_by_time(cm, targets, config, probed, kept, progress) -> list:
