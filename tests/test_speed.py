@@ -349,9 +349,10 @@ def test_layers_kept_dense_shrink_when_they_alone_exceed_the_budget(monkeypatch)
         progress=False).rows}
     assert isinstance(m.a, TTConv2d) and not rows["a"].get("kept_dense"), rows
     assert rows["a"]["ratio"] >= 5.5, rows  # the report's ratio counts the bias too
-    assert rows["fc1"]["ratio"] <= 3.5, rows  # the other layer keeps its share (not crushed to make room)
+    assert rows["fc1"]["ratio"] <= 3.0, rows  # the other layer keeps at least its share
     dense = 16 * 64 * 9 + 64 * 256
-    assert dense / sum(sum(c.numel() for c in getattr(m, n).cores) for n in ("a", "fc1")) >= 3.0 * 0.99
+    # and the budget "a" no longer takes goes back to fc1: the targets as a whole at the ratio, not above
+    assert 3.0 * 0.99 <= dense / sum(sum(c.numel() for c in getattr(m, n).cores) for n in ("a", "fc1")) <= 3.3
 
 
 def test_time_allocation_without_input_shapes_is_uniform(monkeypatch):

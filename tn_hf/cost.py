@@ -398,11 +398,11 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate,
             return total / goal - sum(size[n] for n in kept) - sum(_params(t.spec) for t in [*shrunk, *extra])
         for _ in range(REALLOCATE_PASSES if config.budget != "latency" and config.allocation != "time" else 0):
             rest = sum(size[t.name] for t in out)
-            if measured and left() < rest / (2 * goal):  # the layers kept dense crowd the others out
-                shrunk += _shrink_kept(cm, targets, kept, config, probed,
-                                       lambda new, rest=rest: left(new) < rest / (2 * goal))
+            taken = _shrink_kept(cm, targets, kept, config, probed,
+                                 lambda new, rest=rest: left(new) < rest / (2 * goal)) if measured else []
+            shrunk += taken  # (when the layers kept dense crowd the others out)
             budget = left()
-            if not out or budget <= 0 or rest / budget <= goal * 1.01:
+            if not out or budget <= 0 or (rest / budget <= goal * 1.01 and not taken):
                 break
             ratio, n_kept = rest / budget, len(kept)
             allocate(model, out, dataclasses.replace(config, compression_ratio=ratio))
