@@ -165,7 +165,8 @@ def cmd_compress(args) -> int:
         raise UserError(f"--out {out} exists and is not a folder")
     try:
         cfg = TNConfig(format=args.format, compression_ratio=args.ratio, plan_for_speed=not args.no_speed_plan,
-                       allocation=args.allocation, target_modules=args.targets or None, exclude_modules=args.exclude or None)
+                       allocation=args.allocation, target_modules=args.targets or None,
+                       exclude_modules=args.exclude or None)
     except ValueError as e:
         raise UserError(str(e)) from None
     print(f"loading {args.source} ...")

@@ -409,13 +409,18 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate,
             out = _plan_targets(cm, out, config, ratio, probed, kept, progress, measured)
             if len(kept) == n_kept:
                 break
-        order = {t.name: i for i, t in enumerate(targets)}
-        out = sorted(out + shrunk, key=lambda t: order[t.name])
+        out = _in_order(targets, out + shrunk)
     finally:
         cm.save()
     if want:
         out, kept = _agree(targets, out, kept)
     return out, kept
+
+
+def _in_order(targets, chosen) -> list:
+    """``chosen`` (a subset of ``targets``) in the targets' order."""
+    order = {t.name: i for i, t in enumerate(targets)}
+    return sorted(chosen, key=lambda t: order[t.name])
 
 
 def _rank() -> int:
@@ -528,12 +533,13 @@ def _allocate_by_time(cm, targets, config, probed, kept, progress) -> list:
     """``allocation="time"``: the params budget (the targets as a whole at ``compression_ratio``) goes
     where it saves the most measured time. Each timed target's choices: the best form (``_choose``)
     at every param ratio of ``LATENCY_GRID`` up to ``TIME_SPAN`` x the ratio asked for, where that
-    form passes the keep-dense test, and the dense layer. A choice costs its seconds at each planning batch over the dense targets' total at that batch,
-    summed over the batches. Smaller forms are faster, so the budget is spent, not saved: one
-    multiplier ``lam`` values parameters, every target takes the choice of least
-    ``cost - lam * params / budget``, ``lam`` the largest (bisection) whose choices fit the budget;
-    what is left under it goes to the upgrades of least time per parameter. Targets whose input shape
-    is unknown keep the uniform ratio, and their size counts."""
+    form passes the keep-dense test, and the dense layer. A choice costs its seconds at each planning
+    batch over the dense targets' total at that batch, summed over the batches. Smaller forms are
+    faster, so the budget is spent, not saved: one multiplier ``lam`` values parameters, every
+    target takes the choice of least ``cost - lam * params / budget``, ``lam`` the largest
+    (bisection) whose choices fit the budget; what is left under it goes to the upgrades of least
+    time per parameter. Targets whose input shape is unknown keep the uniform ratio, and their size
+    counts."""
     budget = sum(_dense_params(t.cls, t.module) for t in targets) / config.compression_ratio
     untimed = [t for t in targets if _evaluator(cm, t, probed, True)[0] is None]
     fixed = _plan_targets(cm, untimed, config, config.compression_ratio, probed, kept, False, False)
@@ -595,8 +601,7 @@ def _allocate_by_time(cm, targets, config, probed, kept, progress) -> list:
         log.info("%s: TN %s, %d params (time allocation)", t.name, _ranks_str(spec), _params(spec))
         t.spec = spec
         out.append(t)
-    order = {t.name: i for i, t in enumerate(targets)}
-    return sorted(out, key=lambda t: order[t.name])
+    return _in_order(targets, out)
 
 
 def _admit(targets, out, saved, slower_at_1, kept) -> list:
@@ -618,8 +623,7 @@ def _admit(targets, out, saved, slower_at_1, kept) -> list:
         kept.pop(t.name, None)
         out.append(t)
         log.info("%s: TN %s (slower at batch %d, paid for by the other layers)", t.name, _ranks_str(spec), small)
-    order = {t.name: i for i, t in enumerate(targets)}
-    return sorted(out, key=lambda t: order[t.name])
+    return _in_order(targets, out)
 
 
 def _latency(ev: _Eval, t, cands, ratio: float, shape1):
