@@ -355,6 +355,23 @@ def test_layers_kept_dense_shrink_when_they_alone_exceed_the_budget(monkeypatch)
     assert 3.0 * 0.99 <= dense / sum(sum(c.numel() for c in getattr(m, n).cores) for n in ("a", "fc1")) <= 3.3
 
 
+def test_time_allocation_may_keep_dense_the_layer_where_params_cost_least(monkeypatch):
+    # fc1 as TN saves little time at any size (0.89x dense); conv b's time grows with its size. At 2x the
+    # budget (26624) holds fc1 dense (16384) plus b at 4x: the budget spent at the least time
+    def fn(spec, shape):
+        from tn_hf.layers import registry
+        layer = registry[spec["class"]].from_spec(spec)
+        return 0.89 if spec["class"] == "TTLinear" else sum(c.numel() for c in layer.cores) / layer.dense_params()
+    _fake_costs(monkeypatch, fn)
+    m = _Net().eval()
+    report = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=2.0, allocation="time", target_modules=["b", "fc1"]),
+                            progress=False)
+    rows = {r["name"]: r for r in report.rows}
+    assert type(m.fc1) is nn.Linear and rows["fc1"]["kept_dense"].startswith("the time allocation"), rows
+    assert isinstance(m.b, TTConv2d)
+    assert 2.0 <= (64 * 64 * 9 + 64 * 256) / (64 * 256 + sum(c.numel() for c in m.b.cores)) <= 2.2
+
+
 def test_time_allocation_without_input_shapes_is_uniform(monkeypatch):
     calls = _fake_costs(monkeypatch, lambda spec, shape: 0.5)
     m = _Net().eval()
