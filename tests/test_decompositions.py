@@ -170,6 +170,29 @@ def test_allocate_ranks_budget_and_structure():
     assert min(r["structured"][1:-1]) >= 5 and max(r["random"]) <= 2, r
 
 
+def test_allocate_ranks_params_and_flops_budgets_both_hold():
+    torch.manual_seed(5)
+    # same shapes, different positions: "early" runs at 16x the positions of "late"
+    tensors = {"early": torch.randn(16, 9, 16), "late": torch.randn(16, 9, 16), "mid": torch.randn(8, 9, 32)}
+    fpp = {"early": 16.0, "late": 1.0, "mid": 4.0}
+    dense_p = sum(t.numel() for t in tensors.values())
+    dense_f = sum(t.numel() * fpp[n] for n, t in tensors.items())
+    for ratio in (3.0, 6.0):
+        r = allocate_ranks(tensors, compression_ratio=ratio, budget="params+flops", flops_per_param=fpp)
+        p = {n: tn_params(t.shape, r[n]) for n, t in tensors.items()}
+        assert sum(p.values()) <= dense_p / ratio and sum(p.values()) >= dense_p / ratio / 1.15, (ratio, r)
+        assert sum(p[n] * fpp[n] for n in p) <= dense_f / ratio, (ratio, r)
+        # params alone spends on the layer that costs most FLOPs per param and breaks the FLOPs budget
+        r0 = allocate_ranks(tensors, compression_ratio=ratio, budget="params")
+        f0 = sum(tn_params(t.shape, r0[n]) * fpp[n] for n, t in tensors.items())
+        assert f0 > dense_f / ratio, (ratio, r0)
+        assert tn_params((16, 9, 16), r["early"]) < tn_params((16, 9, 16), r0["early"])
+    with pytest.raises(ValueError, match="budget='params\\+flops' needs flops_per_param"):
+        allocate_ranks(tensors, compression_ratio=3.0, budget="params+flops")
+    with pytest.raises(ValueError, match="valid|one of"):
+        allocate_ranks(tensors, compression_ratio=3.0, budget="time")
+
+
 def test_randomized_path_close_to_exact(monkeypatch):
     import tn_hf.decompositions.tt as tt_mod
     torch.manual_seed(4)

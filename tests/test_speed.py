@@ -355,6 +355,27 @@ def test_layers_kept_dense_shrink_when_they_alone_exceed_the_budget(monkeypatch)
     assert 3.0 * 0.99 <= dense / sum(sum(c.numel() for c in getattr(m, n).cores) for n in ("a", "fc1")) <= 3.3
 
 
+@pytest.mark.parametrize("tiny_faster", [True, False])
+def test_a_crowding_layer_never_shrinks_past_the_floor(monkeypatch, tiny_faster):
+    # conv "a" crowds fc1 out (as above) and is slower at batch 1 at its share of the budget; at batch
+    # 32 it is faster at every size. Tiny forms (20x smaller, past the floor 4 x 3 = 12x) would be faster at batch 1
+    # too but wreck the layer: "a" takes its share, slower at batch 1, rather than one of them.
+    def fn(spec, shape):
+        from tn_hf.layers import registry
+        if spec.get("in_channels") != 16:
+            return 0.5
+        layer = registry[spec["class"]].from_spec(spec)
+        tiny = sum(c.numel() for c in layer.cores) <= layer.dense_params() / 20
+        return 0.5 if shape[0] == 32 or (tiny and tiny_faster) else 2.0  # "a" loses more than fc1 saves
+    _fake_costs(monkeypatch, fn)
+    m = _Net().eval()
+    rows = {r["name"]: r for r in tn_hf.compress(
+        m, tn_hf.TNConfig(compression_ratio=3.0, allocation="uniform", target_modules=["a", "fc1"]),
+        progress=False).rows}
+    assert isinstance(m.a, TTConv2d) and not rows["a"].get("kept_dense"), rows
+    assert 2.5 <= rows["a"]["ratio"] <= 3.5, rows
+
+
 def test_time_allocation_may_keep_dense_the_layer_where_params_cost_least(monkeypatch):
     # fc1 as TN saves little time at any size (0.89x dense); conv b's time grows with its size. At 2x the
     # budget (26624) holds fc1 dense (16384) plus b at 4x: the budget spent at the least time
@@ -424,6 +445,51 @@ def test_default_linear_layout_is_low_rank_two_gemms():
     torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias), rtol=1e-10, atol=1e-12)
     full = TTLinear.from_dense(dense, rel_error=1e-12)  # full rank reproduces the dense layer
     torch.testing.assert_close(full(x), dense(x), rtol=1e-9, atol=1e-10)
+
+
+class _TwoMaps(nn.Module):
+    """A narrow conv on a large map and a wide one on a small map: per parameter, "early" costs
+    64x the FLOPs of "late"."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.early = nn.Conv2d(32, 32, 3, padding=1)
+        self.mid = nn.Conv2d(32, 128, 1)
+        self.late = nn.Conv2d(128, 128, 3, padding=1)
+        self.fc = nn.Linear(128, 10)
+        self.pretrained_cfg = {"input_size": (3, 32, 32)}
+
+    def forward(self, x):
+        x = torch.relu(self.early(torch.relu(self.stem(x))))
+        x = torch.relu(self.late(F.max_pool2d(torch.relu(self.mid(x)), 8)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_global_allocation_planned_for_speed_cuts_flops_by_the_ratio_too(monkeypatch):
+    """Default config (global allocation, measured planning): the targets are compression_ratio x
+    smaller in params *and* in FLOPs (params x output positions); size-only planning spends on the
+    layer whose parameters are cheap and FLOPs dear."""
+    from tn_hf.report import positions
+    _fake_costs(monkeypatch, lambda spec, shape: 0.5)
+    torch.manual_seed(0)
+    base = _TwoMaps().eval()
+    names = ["early", "mid", "late"]
+    pos = positions(base, names)
+    dense_p = {n: base.get_submodule(n).weight.numel() for n in names}
+
+    def totals(cfg):
+        m = copy.deepcopy(base)
+        rows = {r["name"]: r for r in tn_hf.compress(m, cfg, progress=False).rows}
+        assert set(rows) == set(names) and not any(r.get("kept_dense") for r in rows.values())
+        tn_p = {n: sum(c.numel() for c in m.get_submodule(n).cores) for n in names}
+        return (sum(dense_p.values()) / sum(tn_p.values()),
+                sum(dense_p[n] * pos[n] for n in names) / sum(tn_p[n] * pos[n] for n in names), tn_p)
+    p_new, f_new, tn_new = totals(tn_hf.TNConfig(compression_ratio=3.0, min_params=4000))
+    p_old, f_old, tn_old = totals(tn_hf.TNConfig(compression_ratio=3.0, min_params=4000, plan_for_speed=False))
+    assert 2.7 <= p_new <= 3.5 and f_new >= 3.0, (p_new, f_new, tn_new)
+    assert p_old >= 2.7 and f_old < 3.0, (p_old, f_old, tn_old)
+    assert tn_new["early"] < tn_old["early"] and tn_new["late"] > tn_old["late"]
 
 
 def test_without_speed_planning_only_size_decides_and_nothing_is_timed(monkeypatch):

@@ -82,6 +82,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .decompositions import ranks_for_ratio, tn_params
+from .decompositions.ranks import FLOOR_FACTOR
 from .layers import layer_from_spec, registry
 from .layers.base import normalize_ranks
 from .report import probe
@@ -510,22 +511,31 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
 def _shrink_kept(cm, targets, kept, config, probed, short) -> list:
     """Layers kept dense because their allocated form is not faster, largest first, while ``short(taken)``
     (their dense size leaves the other targets too small a budget): each takes the largest form of at
-    most 1/``compression_ratio`` of its size that is faster than dense. Returns the layers taken."""
+    most 1/``compression_ratio`` of its size (and at least 1/(``FLOOR_FACTOR`` x that): no rank-1
+    wrecks) that is faster than dense, or else the largest there that is faster at the largest
+    planning batch (the ratio asked for outweighs a small-batch loss). Returns the layers taken."""
     taken: list = []
     goal = config.compression_ratio
     for t in sorted((t for t in targets if t.name in kept), key=lambda t: -_dense_params(t.cls, t.module)):
         if not short(taken):
             break
         ev, shape1 = _evaluator(cm, t, probed, True)
-        for q in ([goal] + [q for q in LATENCY_GRID if q > goal]) if ev is not None else []:
-            spec, _, why = _choose(ev, t.cls, _candidates(t, config, ev, q, q), t.module, shape1)
+        found = None  # (spec, what it costs): faster at every planning batch, else at the largest
+        for q in ([goal] + [q for q in LATENCY_GRID if goal < q <= FLOOR_FACTOR * goal]) if ev is not None else []:
+            spec, r, why = _choose(ev, t.cls, _candidates(t, config, ev, q, q), t.module, shape1)
             if why is None:
-                log.info("%s: TN %s, %d params (kept dense, it left the other targets too small a budget)",
-                         t.name, _ranks_str(spec), _params(spec))
-                t.spec = spec
-                kept.pop(t.name)
-                taken.append(t)
+                found = (spec, "")
                 break
+            large = max(PLAN_BATCHES)
+            if found is None and r is not None and r.get(large, 1.0) < KEEP_BELOW[large]:
+                found = (spec, f"; {_fmt_ratios(r)}: slower at batch {min(PLAN_BATCHES)}")
+        if found is not None:
+            spec, note = found
+            log.info("%s: TN %s, %d params (kept dense, it left the other targets too small a budget%s)",
+                     t.name, _ranks_str(spec), _params(spec), note)
+            t.spec = spec
+            kept.pop(t.name)
+            taken.append(t)
     return taken
 
 

@@ -255,8 +255,11 @@ def _normalize_spec_ranks(cls, spec: dict) -> None:
 
 def _allocate(model, targets: list[Target], config: TNConfig) -> None:
     """Joint rank allocation (decompositions.allocate_ranks) over the tensorized weights."""
+    allocation = "uniform" if config.allocation == "time" else config.allocation
+    budget = config.budget
+    capped = budget == "params" and allocation == "global" and config.plan_for_speed
     tensors, fpp = {}, {}
-    pos = positions(model, [t.name for t in targets]) if config.budget == "flops" else {}
+    pos = positions(model, [t.name for t in targets]) if budget == "flops" or capped else {}
     for t in targets:
         if t.cls.composite:  # recurrent: every matrix at the requested ratio (from_dense)
             continue
@@ -265,9 +268,11 @@ def _allocate(model, targets: list[Target], config: TNConfig) -> None:
         fpp[t.name] = float(pos.get(t.name) or 1)
     if not tensors:
         return
+    if capped and all(n in pos for n in tensors):  # planning for speed: FLOPs at the ratio too
+        budget = "params+flops"
     ranks = allocate_ranks(tensors, format=config.format, compression_ratio=config.compression_ratio,
-                           budget=config.budget, flops_per_param=fpp if config.budget == "flops" else None,
-                           allocation="uniform" if config.allocation == "time" else config.allocation)
+                           budget=budget, flops_per_param=fpp if budget != "params" else None,
+                           allocation=allocation)
     for t in targets:
         if t.name in ranks:
             t.spec = dict(t.spec, ranks=list(ranks[t.name]))

@@ -14,6 +14,7 @@ from .tucker import tucker_ranks_for_ratio
 __all__ = ["tn_params", "ranks_for_ratio", "allocate_ranks", "allocation_summary"]
 
 CHAIN_FORMATS = ("tt", "tr")  # chains of 3-way cores (Tucker: decompositions.tucker)
+ALLOC_BUDGETS = ("params", "flops", "params+flops")
 
 
 def tn_params(shape: Sequence[int], ranks: Sequence[int]) -> int:
@@ -71,8 +72,8 @@ def _validate(tensors, format, compression_ratio, budget, flops_per_param, alloc
     if format not in CHAIN_FORMATS:
         raise ValueError(f"allocate_ranks: format must be one of {CHAIN_FORMATS} (Tucker: tucker_allocate), "
                          f"got {format!r}")
-    if budget not in ("params", "flops"):
-        raise ValueError(f"allocate_ranks: budget must be 'params' or 'flops', got {budget!r}")
+    if budget not in ALLOC_BUDGETS:
+        raise ValueError(f"allocate_ranks: budget must be one of {ALLOC_BUDGETS}, got {budget!r}")
     if allocation not in ("global", "uniform"):
         raise ValueError(f"allocate_ranks: allocation must be 'global' or 'uniform', got {allocation!r}")
     if not (isinstance(compression_ratio, (int, float)) and compression_ratio > 0):
@@ -81,14 +82,26 @@ def _validate(tensors, format, compression_ratio, budget, flops_per_param, alloc
         raise ValueError("allocate_ranks: no tensors given")
     for name, t in tensors.items():
         check_tensor(t, f"allocate_ranks[{name!r}]")
-    if budget == "flops":
+    if budget != "params":
         missing = [n for n in tensors if flops_per_param is None or n not in flops_per_param]
         if missing:
-            raise ValueError(f"allocate_ranks: budget='flops' needs flops_per_param for every tensor; missing {missing}")
+            raise ValueError(f"allocate_ranks: budget={budget!r} needs flops_per_param for every tensor; "
+                             f"missing {missing}")
 
 
 def _weights(tensors, budget, flops_per_param):
     return {n: (float(flops_per_param[n]) if budget == "flops" else 1.0) for n in tensors}
+
+
+def _caps(tensors, budget, flops_per_param, ratio) -> list[tuple[dict[str, float], float]]:
+    """The budgets an allocation must fit, as (cost per TN param of each tensor, budget): params,
+    FLOP-weighted params, or both ("params+flops"), each at the dense total / ``ratio``."""
+    kinds = ("params", "flops") if budget == "params+flops" else (budget,)
+    out = []
+    for kind in kinds:
+        w = _weights(tensors, kind, flops_per_param)
+        out.append((w, sum(t.numel() * w[n] for n, t in tensors.items()) / ratio))
+    return out
 
 
 def _clip_tt(shape, r):
@@ -101,8 +114,8 @@ def _clip_tt(shape, r):
     return r
 
 
-def _ladder(t: Tensor, weight: float, floor: list[int], levels: int = 48):
-    """[(cost, est. squared error, ranks, unfolding tails)] for relative tolerances from 1 down to 0,
+def _ladder(t: Tensor, floor: list[int], levels: int = 48):
+    """[(TN params, est. squared error, ranks, unfolding tails)] for relative tolerances from 1 down to 0,
     every rank list raised to at least ``floor``."""
     shape = [int(s) for s in t.shape]
     d = len(shape)
@@ -122,7 +135,7 @@ def _ladder(t: Tensor, weight: float, floor: list[int], levels: int = 48):
             r = [1] + [max(1, int(torch.nonzero(tl <= per_bond * (1 + 1e-9)).flatten()[0])) for tl in tails] + [1]
             r = _clip_tt(shape, [max(a, b) for a, b in zip(r, floor)])
         err = sum(float(tl[min(r[k + 1], tl.numel() - 1)]) for k, tl in enumerate(tails))
-        entry = (tn_params(shape, r) * weight, err, r, tails)
+        entry = (tn_params(shape, r), err, r, tails)
         if not out or entry[2] != out[-1][2]:
             out.append(entry)
     return out
@@ -140,40 +153,23 @@ def allocation_summary(tensors: dict[str, Tensor], ranks: dict[str, list[int]], 
     return {"dense": dense, "tn": tn, "ratio": dense / tn}
 
 
-def allocate_ranks(tensors: dict[str, Tensor], *, format: str = "tt", compression_ratio: float,
-                   budget: str = "params", flops_per_param: dict[str, float] | None = None,
-                   allocation: str = "global") -> dict[str, list[int]]:
-    """Per-tensor ranks so that total TN cost ~= total dense cost / ``compression_ratio``.
+FILL = 0.97  # with two budgets, the params budget is this full at least (while the FLOPs budget allows)
 
-    Cost is params, or params weighted by ``flops_per_param[name]`` with ``budget="flops"``.
 
-    ``allocation="uniform"``: every tensor at the ratio on its own (largest single int rank).
-    ``allocation="global"`` (TT): greedy from a floor (each tensor at ``FLOOR_FACTOR`` x the target
-    ratio on its own); repeatedly raise the bond whose
-    next singular value (squared, of that unfolding, relative to the tensor's mean energy per
-    element) removes the
-    most approximation error per added cost, while the total stays within budget.
-    For TR the TT allocation fixes each tensor's share of the budget, and each tensor then gets the
-    largest single TR rank (ring rank included) that fits its share.
-    The achieved cost never exceeds the budget unless rank 1 everywhere already does.
-    """
-    _validate(tensors, format, compression_ratio, budget, flops_per_param, allocation)
-    w = _weights(tensors, budget, flops_per_param)
-    if allocation == "uniform":
-        return {n: ranks_for_ratio(t.shape, compression_ratio, format) for n, t in tensors.items()}
-
-    names = list(tensors)
-    shapes = {n: [int(s) for s in tensors[n].shape] for n in names}
-    total_budget = sum(tensors[n].numel() * w[n] for n in names) / compression_ratio
-    # per tensor: a ladder of rank lists from a grid of TT-SVD tolerances (equal split over
-    # bonds, as tt_svd(rel_error=) does), each with its cost and estimated squared error
-    # (sum of discarded unfolding energies, relative to the mean energy per element)
-    # floor: no tensor is compressed more than FLOOR_FACTOR x the target ratio (a layer at rank 1
-    # everywhere destroys accuracy however well the rest is kept)
-    floors = {n: ranks_for_ratio(shapes[n], compression_ratio * FLOOR_FACTOR, "tt") for n in names}
-    ladders = {n: _ladder(tensors[n].detach(), w[n], floors[n]) for n in names}
+def _greedy(shapes, ladders, caps, unit):
+    """Greedy ladder climb, then single-bond +1 steps, most error removed per ``unit`` cost first,
+    every step within every cap. Returns (ranks, totals used per cap)."""
+    names = list(shapes)
     level = {n: 0 for n in names}
-    cost = sum(ladders[n][0][0] for n in names)
+    used = [sum(ladders[n][0][0] * w[n] for n in names) for w, _ in caps]
+
+    def fits(n, add):  # add: TN params added to tensor n
+        return all(u + add * w[n] <= b for u, (w, b) in zip(used, caps))
+
+    def take(n, add):
+        for i, (w, _) in enumerate(caps):
+            used[i] += add * w[n]
+
     heap = []
 
     def push(n):
@@ -181,39 +177,110 @@ def allocate_ranks(tensors: dict[str, Tensor], *, format: str = "tt", compressio
         for j in range(i + 1, len(lad)):  # next level that lowers the error
             add, gain = lad[j][0] - lad[i][0], lad[i][1] - lad[j][1]
             if gain > 0 and add > 0:
-                heapq.heappush(heap, (-gain / add, add, n, j))
+                heapq.heappush(heap, (-gain / (add * unit[n]), add, n, j))
                 return
 
     for n in names:
         push(n)
     while heap:
         _, add, n, j = heapq.heappop(heap)
-        if cost + add > total_budget:
+        if not fits(n, add):
+            if len(caps) > 1:
+                break  # two budgets: the single-bond steps below spend the rest in score order
             continue  # does not fit; other tensors' cheaper steps may still
-        cost += add
+        take(n, add)
         level[n] = j
         push(n)
     ranks = {n: list(ladders[n][level[n]][2]) for n in names}
     # fill what the coarse ladder left: single-bond +1 steps, best error gain per cost first
+    # (one heap entry per bond, recomputed when its tensor's ranks change; totals only grow, so a
+    # step that does not fit now never will)
     tails = {n: ladders[n][-1][3] for n in names}
-    while True:
-        best = None
-        for n in names:
-            sh, r = shapes[n], ranks[n]
-            for k in range(1, len(sh)):
-                new = list(r)
-                new[k] += 1
-                if _clip_tt(sh, new) != new:
-                    continue
-                add = (tn_params(sh, new) - tn_params(sh, r)) * w[n]
-                tl = tails[n][k - 1]
-                gain = float(tl[r[k]] - tl[new[k]]) if new[k] < tl.numel() else 0.0
-                if cost + add <= total_budget and gain > 0 and (best is None or gain / add > best[0]):
-                    best = (gain / add, add, n, new)
-        if best is None:
-            break
-        cost += best[1]
-        ranks[best[2]] = best[3]
+    version = {n: 0 for n in names}
+    heap = []
+
+    def push_bonds(n):
+        sh, r = shapes[n], ranks[n]
+        for k in range(1, len(sh)):
+            new = list(r)
+            new[k] += 1
+            tl = tails[n][k - 1]
+            if _clip_tt(sh, new) != new or new[k] >= tl.numel():
+                continue
+            add = tn_params(sh, new) - tn_params(sh, r)
+            gain = float(tl[r[k]] - tl[new[k]])
+            if gain > 0 and add > 0:
+                heapq.heappush(heap, (-gain / (add * unit[n]), n, k, add, version[n]))
+
+    for n in names:
+        push_bonds(n)
+    while heap:
+        _, n, k, add, v = heapq.heappop(heap)
+        if v != version[n] or not fits(n, add):
+            continue
+        take(n, add)
+        ranks[n][k] += 1
+        version[n] += 1
+        push_bonds(n)
+    return ranks, used
+
+
+def allocate_ranks(tensors: dict[str, Tensor], *, format: str = "tt", compression_ratio: float,
+                   budget: str = "params", flops_per_param: dict[str, float] | None = None,
+                   allocation: str = "global") -> dict[str, list[int]]:
+    """Per-tensor ranks so that total TN cost ~= total dense cost / ``compression_ratio``.
+
+    Cost (``budget``): "params"; "flops", params weighted by ``flops_per_param[name]`` (a layer's
+    output positions: its FLOPs in the layouts whose FLOPs are params x positions); or
+    "params+flops", both at once: the TN params *and* the FLOP-weighted params are each within the
+    dense total / ``compression_ratio`` (smaller and as many times cheaper to run).
+
+    ``allocation="uniform"``: every tensor at the ratio on its own (largest single int rank).
+    ``allocation="global"`` (TT): greedy from a floor (each tensor at ``FLOOR_FACTOR`` x the target
+    ratio on its own); repeatedly raise the bond whose
+    next singular value (squared, of that unfolding, relative to the tensor's mean energy per
+    element) removes the most approximation error per added cost, while every total stays within
+    its budget. With two budgets a step costs the sum of its shares of each budget; where the FLOPs
+    budget runs out with params to spare, FLOPs are weighted up (bisection) until the params budget
+    is at least ``FILL`` spent, so the ratio asked for is the params ratio reached.
+    For TR the TT allocation fixes each tensor's share of the budget, and each tensor then gets the
+    largest single TR rank (ring rank included) that fits its share.
+    The achieved cost never exceeds the budget unless rank 1 everywhere already does.
+    """
+    _validate(tensors, format, compression_ratio, budget, flops_per_param, allocation)
+    if allocation == "uniform":
+        return {n: ranks_for_ratio(t.shape, compression_ratio, format) for n, t in tensors.items()}
+
+    names = list(tensors)
+    shapes = {n: [int(s) for s in tensors[n].shape] for n in names}
+    caps = _caps(tensors, budget, flops_per_param, compression_ratio)
+    # per tensor: a ladder of rank lists from a grid of TT-SVD tolerances (equal split over
+    # bonds, as tt_svd(rel_error=) does), each with its params and estimated squared error
+    # (sum of discarded unfolding energies, relative to the mean energy per element)
+    # floor: no tensor is compressed more than FLOOR_FACTOR x the target ratio (a layer at rank 1
+    # everywhere destroys accuracy however well the rest is kept)
+    floors = {n: ranks_for_ratio(shapes[n], compression_ratio * FLOOR_FACTOR, "tt") for n in names}
+    ladders = {n: _ladder(tensors[n].detach(), floors[n]) for n in names}
+
+    def run(lam: float):
+        unit = {n: sum((lam if i else 1.0) * w[n] / b for i, (w, b) in enumerate(caps)) for n in names}
+        return _greedy(shapes, ladders, caps, unit)
+    ranks, used = run(1.0)
+    params_cap = caps[0][1]
+    if len(caps) > 1 and used[0] < FILL * params_cap:
+        # the FLOPs budget ran out first: FLOPs must count for more, until the params budget is spent
+        lo, hi = 1.0, 2.0
+        while (got := run(hi))[1][0] < FILL * params_cap and hi < 1e6:
+            lo, hi = hi, hi * 4
+        best = got
+        for _ in range(12):
+            mid = (lo * hi) ** 0.5
+            got = run(mid)
+            if got[1][0] >= FILL * params_cap:
+                hi, best = mid, got
+            else:
+                lo = mid
+        ranks = best[0]
     if format == "tt":
         return ranks
     # TR: each tensor's share of the budget from the TT allocation -> largest int TR rank in it
