@@ -246,7 +246,8 @@ _TARGETS = {  # (model, ratio, batch): max eval time ratio, from the project's s
     ("small_cnn", 8.0, 32): 0.6, ("small_cnn", 8.0, 1): 1.0,
 }
 TARGETS = {(m, r, mode, b): v for (m, r, b), v in _TARGETS.items()
-           for mode in ("eval", "eval, channels_last", "eval, TNConfig time", "eval, channels_last, TNConfig time")}
+           for mode in ("eval", "eval, channels_last", "eval, TNConfig defaults", "eval, TNConfig time",
+                        "eval, channels_last, TNConfig time")}
 
 
 def _f2(v) -> str:

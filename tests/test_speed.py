@@ -334,19 +334,28 @@ def test_time_allocation_spends_the_budget_where_params_cost_least_time(monkeypa
         tn_hf.TNConfig(compression_ratio=3.0, allocation="time", budget="flops")
 
 
-def test_layers_kept_dense_shrink_when_they_alone_exceed_the_budget(monkeypatch):
-    # conv "a" (9216 weights) is faster as TN only at <= 1/6 of its size; with fc1 (16384) at 3x the
-    # budget is 8533, less than "a" alone: keeping "a" dense would leave the targets at 1.7x
-    def fn(spec, shape):
-        from tn_hf.layers import registry
-        layer = registry[spec["class"]].from_spec(spec)
-        small = sum(c.numel() for c in layer.cores) <= layer.dense_params() / 6
-        return 1.3 if spec.get("in_channels") == 16 and not small else 0.5
+def _size_fraction(spec) -> float:
+    """TN params of the form over the dense layer's."""
+    from tn_hf.layers import registry
+    layer = registry[spec["class"]].from_spec(spec)
+    return sum(c.numel() for c in layer.cores) / layer.dense_params()
+
+
+def _compress_a_and_fc1(monkeypatch, fn):
+    """_Net's conv "a" and fc1 at 3x (uniform) under the fake costs ``fn``: (model, report rows)."""
     _fake_costs(monkeypatch, fn)
     m = _Net().eval()
     rows = {r["name"]: r for r in tn_hf.compress(
         m, tn_hf.TNConfig(compression_ratio=3.0, allocation="uniform", target_modules=["a", "fc1"]),
         progress=False).rows}
+    return m, rows
+
+
+def test_layers_kept_dense_shrink_when_they_alone_exceed_the_budget(monkeypatch):
+    # conv "a" (9216 weights) is faster as TN only at <= 1/6 of its size; with fc1 (16384) at 3x the
+    # budget is 8533, less than "a" alone: keeping "a" dense would leave the targets at 1.7x
+    m, rows = _compress_a_and_fc1(monkeypatch, lambda spec, shape: 1.3 if spec.get("in_channels") == 16
+                                  and _size_fraction(spec) > 1 / 6 else 0.5)
     assert isinstance(m.a, TTConv2d) and not rows["a"].get("kept_dense"), rows
     assert rows["a"]["ratio"] >= 5.5, rows  # the report's ratio counts the bias too
     assert rows["fc1"]["ratio"] <= 3.0, rows  # the other layer keeps at least its share
@@ -358,20 +367,13 @@ def test_layers_kept_dense_shrink_when_they_alone_exceed_the_budget(monkeypatch)
 @pytest.mark.parametrize("tiny_faster", [True, False])
 def test_a_crowding_layer_never_shrinks_past_the_floor(monkeypatch, tiny_faster):
     # conv "a" crowds fc1 out (as above) and is slower at batch 1 at its share of the budget; at batch
-    # 32 it is faster at every size. Tiny forms (20x smaller, past the floor 4 x 3 = 12x) would be faster at batch 1
-    # too but wreck the layer: "a" takes its share, slower at batch 1, rather than one of them.
+    # 32 it is faster at every size. Tiny forms (20x smaller, past the floor 4 x 3 = 12x) would be faster
+    # at batch 1 too but wreck the layer: "a" takes its share, slower at batch 1, rather than one of them.
     def fn(spec, shape):
-        from tn_hf.layers import registry
-        if spec.get("in_channels") != 16:
+        if spec.get("in_channels") != 16 or shape[0] == 32:
             return 0.5
-        layer = registry[spec["class"]].from_spec(spec)
-        tiny = sum(c.numel() for c in layer.cores) <= layer.dense_params() / 20
-        return 0.5 if shape[0] == 32 or (tiny and tiny_faster) else 2.0  # "a" loses more than fc1 saves
-    _fake_costs(monkeypatch, fn)
-    m = _Net().eval()
-    rows = {r["name"]: r for r in tn_hf.compress(
-        m, tn_hf.TNConfig(compression_ratio=3.0, allocation="uniform", target_modules=["a", "fc1"]),
-        progress=False).rows}
+        return 0.5 if tiny_faster and _size_fraction(spec) <= 1 / 20 else 2.0  # "a" loses more than fc1 saves
+    m, rows = _compress_a_and_fc1(monkeypatch, fn)
     assert isinstance(m.a, TTConv2d) and not rows["a"].get("kept_dense"), rows
     assert 2.5 <= rows["a"]["ratio"] <= 3.5, rows
 

@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choose ranks by size alone (deterministic); by default each layer's forms are timed "
                         "on this machine and layers not faster as TN stay dense")
     c.add_argument("--allocation", choices=ALLOCATIONS, default="global",
-                   help="how the ratio's parameter budget is spread over the layers: global (by weight spectra), "
+                   help="how the ratio's parameter budget is spread over the layers: global (by weight spectra, "
+                        "FLOPs cut by the ratio too unless --no-speed-plan), "
                         "uniform (every layer at the ratio) or time (where it saves the most measured time)")
     c.add_argument("--dry-run", action="store_true",
                    help="print the per-layer plan (params, FLOPs, ranks) without decomposing or writing")

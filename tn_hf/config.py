@@ -24,7 +24,10 @@ class TNConfig:
       ranks) or ``{module_name: int | list}``.
     * ``compression_ratio``: dense params / TN params over the targeted layers as a whole;
       ranks are allocated per layer (``allocation="global"``: layers whose singular spectra
-      decay fast give more; ``"uniform"``: every layer at this ratio; ``"time"``: with measured
+      decay fast give more, and with ``plan_for_speed`` (default) where the input size is known,
+      the targets' FLOPs (params x output positions) are cut by the same ratio at least: a
+      parameter costs its share of both budgets, so layers on large maps give more;
+      ``"uniform"``: every layer at this ratio; ``"time"``: with measured
       planning, the same parameter budget spread where it costs the least measured time, each
       layer timed at several sizes - the fastest model of that size, blind to the weights;
       uniform where nothing can be timed).

@@ -48,7 +48,8 @@ parameters of layers kept dense leave the budget: the other targets are re-alloc
 the targets as a whole at ``compression_ratio`` (while possible), and planned again. Where the layers kept
 dense would leave the others less than half their share (one large layer in a small model: the others
 would go to over twice the ratio asked for, or the ratio could not be met at all), they instead take,
-largest first, the largest form of their share or smaller that is faster than dense (``_shrink_kept``).
+largest first, the largest form of their share or smaller, down to ``FLOOR_FACTOR`` x smaller than
+their share, that is faster than dense, or else the largest there faster at batch 32 (``_shrink_kept``).
 
 ``allocation="time"`` (params budget): the budget itself is spread by measured time
 (``_allocate_by_time``). Every target is timed at the param ratios of ``LATENCY_GRID`` up to
