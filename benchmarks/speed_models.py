@@ -300,7 +300,9 @@ def render(data) -> str:
               "\"kept dense\" layers are those the speed planner measured as not faster as TN (batch 32 ratio "
               ">= 0.9 or batch 1 ratio >= 1.0) or whose TN form would not be smaller.",
               "Rows \"TNConfig defaults\": `tn_hf.compress(model, TNConfig(compression_ratio=R))` as a user calls it "
-              "(global allocation, measured planning); \"TNConfig size-only\": the same with plan_for_speed=False "
+              "(global allocation: ranks where the weight spectra need them, within the params budget and a FLOPs "
+              "budget, params x output positions, at the same ratio; measured planning); \"TNConfig size-only\": "
+              "the same with plan_for_speed=False (params budget only) "
               "(size alone decides, the default before measured planning was); \"TNConfig time\": "
               "`TNConfig(compression_ratio=R, allocation=\"time\")`, the same params budget spread over the layers "
               "by measured time (each layer timed at several sizes; the budget goes where it saves the most time).",
