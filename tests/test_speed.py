@@ -220,6 +220,8 @@ def test_layers_slower_at_batch_1_are_taken_when_the_others_pay_for_it(monkeypat
     assert set(rows) == {"a", "b", "fc1"}
     if others_at_1 == 0.5:   # 1.0 s saved >= 0.2 s lost
         assert isinstance(m.a, TTConv2d) and not rows["a"].get("kept_dense")
+        assert rows["a"]["note"] == "slower than dense at batch 1 (1.20x), paid for by the other TN layers' " \
+                                    "batch-1 savings"
     else:                    # 0.1 s saved < 0.2 s lost
         assert type(m.a) is nn.Conv2d and rows["a"]["kept_dense"].startswith("TN not faster (0.50x dense time at "
                                                                              "batch 32, 1.20x dense time at batch 1")
@@ -376,6 +378,9 @@ def test_a_crowding_layer_never_shrinks_past_the_floor(monkeypatch, tiny_faster)
     m, rows = _compress_a_and_fc1(monkeypatch, fn)
     assert isinstance(m.a, TTConv2d) and not rows["a"].get("kept_dense"), rows
     assert 2.5 <= rows["a"]["ratio"] <= 3.5, rows
+    assert rows["a"]["note"].startswith("slower than dense at batch 1 (0.50x dense time at batch 32, 2.00x "
+                                        "dense time at batch 1), taken because kept dense"), rows["a"]
+    assert not rows["fc1"].get("note")
 
 
 def test_time_allocation_may_keep_dense_the_layer_where_params_cost_least(monkeypatch):

@@ -112,7 +112,7 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
         fd, ft = flops(t.module, layer, probed.get(t.name))
         row = layer_row(t.name, layer, specs[t.name], t.module, rel_error=rel_error(dense, layer), flops_dense=fd,
                         flops_tn=ft)
-        note = _note(row, layer, config)
+        note = "; ".join(n for n in (t.note, _note(row, layer, config)) if n)
         if note:
             row["note"] = note
         rows.append(row)
@@ -150,6 +150,8 @@ def preview(model: nn.Module, config) -> CompressionReport:
             layer = layer_from_spec(spec)
         fd, ft = flops(t.module, layer, probed.get(t.name))
         row = layer_row(t.name, layer, spec, t.module, flops_dense=fd, flops_tn=ft)
+        if t.note:
+            row["note"] = t.note
         rows.append(row)
     rows += [kept_dense_row(model, name, why, probed.get(name)) for name, why in kept.items()]
     return CompressionReport.build(rows, model_params_tn=n_stored(model) - sum(r["dense_params"] - r["tn_params"]

@@ -475,6 +475,7 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
     saved: dict[str, dict] = {}  # name -> {batch: (TN, dense seconds)} of the TN forms taken
     slower_at_1: list = []  # (target, spec, TN/dense seconds per batch): faster at batch 32 only
     for t in tqdm(targets, desc="tn_hf plan (measuring)", disable=not progress):
+        t.note = None
         composite = getattr(t.cls, "composite", False)
         ev, shape1 = _evaluator(cm, t, probed, measured)
 
@@ -529,12 +530,12 @@ def _shrink_kept(cm, targets, kept, config, probed, short) -> list:
                 break
             large = max(PLAN_BATCHES)
             if found is None and r is not None and r.get(large, 1.0) < KEEP_BELOW[large]:
-                found = (spec, f"; {_fmt_ratios(r)}: slower at batch {min(PLAN_BATCHES)}")
+                found = (spec, f"slower than dense at batch {min(PLAN_BATCHES)} ({_fmt_ratios(r)}), taken "
+                               "because kept dense it would leave the other targets too small a budget")
         if found is not None:
-            spec, note = found
+            t.spec, t.note = found[0], found[1] or None
             log.info("%s: TN %s, %d params (kept dense, it left the other targets too small a budget%s)",
-                     t.name, _ranks_str(spec), _params(spec), note)
-            t.spec = spec
+                     t.name, _ranks_str(t.spec), _params(t.spec), f"; {t.note}" if t.note else "")
             kept.pop(t.name)
             taken.append(t)
     return taken
@@ -631,6 +632,8 @@ def _admit(targets, out, saved, slower_at_1, kept) -> list:
             continue
         credit -= loss
         t.spec = spec
+        t.note = (f"slower than dense at batch {small} ({times[small][0] / times[small][1]:.2f}x), paid for by "
+                  f"the other TN layers' batch-{small} savings")
         kept.pop(t.name, None)
         out.append(t)
         log.info("%s: TN %s (slower at batch %d, paid for by the other layers)", t.name, _ranks_str(spec), small)

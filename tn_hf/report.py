@@ -1,7 +1,8 @@
 """CompressionReport: the one per-layer table (compress, model cards, ``tn-hf inspect``, recipes).
 
 Rows: ``name, type, tn_type, dense_params, tn_params, ratio, ranks, rel_error, flops_dense,
-flops_tn`` and, for a layer that did not reach the requested ratio, a ``note`` saying why.
+flops_tn`` and, for a layer that did not reach the requested ratio or that the speed planner took
+though slower than dense at batch 1, a ``note`` saying why.
 Totals: over the compressed layers (``target_*``) and over the whole model (``model_*``: every
 value the checkpoint stores, parameters and buffers, as ``tn-hf inspect`` reads them from the
 safetensors header), plus the requested ratio. A report is built by ``compress`` (with errors and FLOPs), from a live model

@@ -40,11 +40,13 @@ LAYOUT_KEYS = ("in_factors", "out_factors", *FORM_KEYS)  # a spec's tensorizatio
 
 @dataclass
 class Target:
-    """One module to compress: its name, the module, the TN class replacing it and its spec."""
+    """One module to compress: its name, the module, the TN class replacing it and its spec (and
+    what the speed planner has to say about its form, for the report)."""
     name: str
     module: nn.Module
     cls: type
     spec: dict
+    note: str | None = None
 
 
 class Plan(list):
