@@ -193,6 +193,33 @@ def test_allocate_ranks_params_and_flops_budgets_both_hold():
         allocate_ranks(tensors, compression_ratio=3.0, budget="time")
 
 
+def _decaying(shape, rate, seed):
+    """A tensor whose (mode-1) singular values decay as exp(-rate * k)."""
+    g = torch.Generator().manual_seed(seed)
+    u, _, v = torch.linalg.svd(torch.randn(shape[0], shape[1] * shape[2], generator=g), full_matrices=False)
+    return (u @ torch.diag(torch.exp(-rate * torch.arange(shape[0]).float())) @ v).reshape(shape)
+
+
+def test_allocate_ranks_weights_flops_up_until_the_params_budget_is_spent(monkeypatch):
+    import tn_hf.decompositions.ranks as ranks_mod
+    # "a" has a fast-decaying spectrum and costs 256 FLOPs per param: at equal weights its steps take
+    # the FLOPs budget while params are left; FLOPs weighted up, "b" gets them
+    tensors = {"a": _decaying((16, 9, 16), 0.3, 0), "b": _decaying((16, 9, 64), 0.02, 1)}
+    fpp = {"a": 256.0, "b": 64.0}
+    budget_p = sum(t.numel() for t in tensors.values()) / 8
+    budget_f = sum(t.numel() * fpp[n] for n, t in tensors.items()) / 8
+
+    def spent():
+        r = allocate_ranks(tensors, compression_ratio=8.0, budget="params+flops", flops_per_param=fpp)
+        p = {n: tn_params(t.shape, r[n]) for n, t in tensors.items()}
+        return sum(p.values()) / budget_p, sum(p[n] * fpp[n] for n in p) / budget_f
+    p, f = spent()
+    assert ranks_mod.FILL <= p <= 1.0 and f <= 1.0, (p, f)
+    monkeypatch.setattr(ranks_mod, "FILL", 0.0)  # no re-weighting: the equal-weight greedy alone
+    p0, f0 = spent()
+    assert p0 < 0.9 and f0 <= 1.0, (p0, f0)
+
+
 def test_randomized_path_close_to_exact(monkeypatch):
     import tn_hf.decompositions.tt as tt_mod
     torch.manual_seed(4)
