@@ -383,6 +383,34 @@ def test_a_crowding_layer_never_shrinks_past_the_floor(monkeypatch, tiny_faster)
     assert not rows["fc1"].get("note")
 
 
+@pytest.mark.parametrize("loss_at_share", [0.3, 1.0])
+def test_a_crowding_layer_slower_at_batch_1_is_paid_for_like_admitted_ones(monkeypatch, loss_at_share):
+    # fc1 (TN) saves 0.5 s at batch 1. "a" at its share (1/3) is faster at batch 32 and loses loss_at_share
+    # at batch 1; at 1/5 of its size or less it is faster at both. Paid for (0.3 <= 0.5): its share, with a
+    # note; not paid for (1.0 > 0.5): the largest smaller form faster at both, no note.
+    from tn_hf.report import probe
+    from tn_hf.targeting import plan
+
+    def fn(spec, shape):
+        if spec.get("in_channels") != 16 or shape[0] == 32 or _size_fraction(spec) <= 1 / 5:
+            return 0.5
+        return 1.0 + loss_at_share
+    _fake_costs(monkeypatch, fn)
+    m = _Net().eval()
+    cfg = tn_hf.TNConfig(compression_ratio=3.0, allocation="uniform", target_modules=["a", "fc1"])
+    targets = {t.name: t for t in plan(m, dataclasses.replace(cfg, plan_for_speed=False))}
+    kept = {"a": "TN not faster"}
+    taken = cost._shrink_kept(cost.CostModel(), list(targets.values()), kept, cfg, probe(m, ["a", "fc1"]),
+                              lambda taken: not taken, [targets["fc1"]])
+    assert taken == [targets["a"]] and not kept
+    share = _size_fraction(targets["a"].spec)
+    if loss_at_share < 0.5:
+        assert share > 0.25 and targets["a"].note == ("slower than dense at batch 1 (1.30x), paid for by the "
+                                                      "other TN layers' batch-1 savings")
+    else:
+        assert 1 / 7 < share <= 1 / 5 and targets["a"].note is None
+
+
 def test_time_allocation_may_keep_dense_the_layer_where_params_cost_least(monkeypatch):
     # fc1 as TN saves little time at any size (0.89x dense); conv b's time grows with its size. At 2x the
     # budget (26624) holds fc1 dense (16384) plus b at 4x: the budget spent at the least time

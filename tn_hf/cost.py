@@ -401,7 +401,7 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate,
         for _ in range(REALLOCATE_PASSES if config.budget != "latency" and config.allocation != "time" else 0):
             rest = sum(size[t.name] for t in out)
             taken = _shrink_kept(cm, targets, kept, config, probed,
-                                 lambda new, rest=rest: left(new) < rest / (2 * goal)) if measured else []
+                                 lambda new, rest=rest: left(new) < rest / (2 * goal), out + shrunk) if measured else []
             shrunk += taken  # (when the layers kept dense crowd the others out)
             budget = left()
             if not out or budget <= 0 or (rest / budget <= goal * 1.01 and not taken):
@@ -510,30 +510,45 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
     return _admit(targets, out, saved, slower_at_1, kept)
 
 
-def _shrink_kept(cm, targets, kept, config, probed, short) -> list:
+def _shrink_kept(cm, targets, kept, config, probed, short, chosen) -> list:
     """Layers kept dense because their allocated form is not faster, largest first, while ``short(taken)``
     (their dense size leaves the other targets too small a budget): each takes the largest form of at
-    most 1/``compression_ratio`` of its size (and at least 1/(``FLOOR_FACTOR`` x that): no rank-1
-    wrecks) that is faster than dense, or else the largest there that is faster at the largest
-    planning batch (the ratio asked for outweighs a small-batch loss). Returns the layers taken."""
+    most 1/``compression_ratio`` of its size, and at least 1/(``FLOOR_FACTOR`` x that) (no rank-1
+    wrecks), that is faster than dense, or faster at the largest planning batch with its loss at the
+    smallest paid for by what the TN layers ``chosen`` (and those taken before it) save there, as
+    ``_admit`` does; where none is, the largest there faster at the largest batch (the ratio asked
+    for outweighs a small-batch loss; the report says so). Returns the layers taken."""
+    small, large = min(PLAN_BATCHES), max(PLAN_BATCHES)
+    credit = 0.0  # seconds the TN layers chosen so far save at the smallest batch
+    for t in chosen:
+        ev, _ = _evaluator(cm, t, probed, True)
+        if ev is not None:
+            tn, dense = ev.times(t.spec)[small]
+            credit += dense - tn
     taken: list = []
     goal = config.compression_ratio
     for t in sorted((t for t in targets if t.name in kept), key=lambda t: -_dense_params(t.cls, t.module)):
         if not short(taken):
             break
         ev, shape1 = _evaluator(cm, t, probed, True)
-        found = None  # (spec, what it costs): faster at every planning batch, else at the largest
+        found = fallback = None  # (spec, note, seconds saved at the smallest batch)
         for q in ([goal] + [q for q in LATENCY_GRID if goal < q <= FLOOR_FACTOR * goal]) if ev is not None else []:
             spec, r, why = _choose(ev, t.cls, _candidates(t, config, ev, q, q), t.module, shape1)
-            if why is None:
-                found = (spec, "")
+            if r is None or r.get(large, 1.0) >= KEEP_BELOW[large]:
+                continue
+            tn, dense = ev.times(spec)[small]
+            if why is None or dense - tn + credit >= 0:
+                found = (spec, None if why is None else
+                         f"slower than dense at batch {small} ({tn / dense:.2f}x), paid for by the other TN "
+                         f"layers' batch-{small} savings", dense - tn)
                 break
-            large = max(PLAN_BATCHES)
-            if found is None and r is not None and r.get(large, 1.0) < KEEP_BELOW[large]:
-                found = (spec, f"slower than dense at batch {min(PLAN_BATCHES)} ({_fmt_ratios(r)}), taken "
-                               "because kept dense it would leave the other targets too small a budget")
+            fallback = fallback or (spec, f"slower than dense at batch {small} ({_fmt_ratios(r)}), taken "
+                                          "because kept dense it would leave the other targets too small a "
+                                          "budget", dense - tn)
+        found = found or fallback
         if found is not None:
-            t.spec, t.note = found[0], found[1] or None
+            t.spec, t.note, saved = found
+            credit += saved
             log.info("%s: TN %s, %d params (kept dense, it left the other targets too small a budget%s)",
                      t.name, _ranks_str(t.spec), _params(t.spec), f"; {t.note}" if t.note else "")
             kept.pop(t.name)
