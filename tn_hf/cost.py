@@ -49,7 +49,9 @@ the targets as a whole at ``compression_ratio`` (while possible), and planned ag
 dense would leave the others less than half their share (one large layer in a small model: the others
 would go to over twice the ratio asked for, or the ratio could not be met at all), they instead take,
 largest first, the largest form of their share or smaller, down to ``FLOOR_FACTOR`` x smaller than
-their share, that is faster than dense, or else the largest there faster at batch 32 (``_shrink_kept``).
+their share, that is faster than dense (or faster at batch 32 with its batch-1 loss paid for by the
+other TN layers, as in ``_admit``), or else the largest there faster at batch 32 (``_shrink_kept``; the
+report row notes a batch-1 loss).
 
 ``allocation="time"`` (params budget): the budget itself is spread by measured time
 (``_allocate_by_time``). Every target is timed at the param ratios of ``LATENCY_GRID`` up to
