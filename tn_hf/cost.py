@@ -540,9 +540,7 @@ def _shrink_kept(cm, targets, kept, config, probed, short, chosen) -> list:
                 continue
             tn, dense = ev.times(spec)[small]
             if why is None or dense - tn + credit >= 0:
-                found = (spec, None if why is None else
-                         f"slower than dense at batch {small} ({tn / dense:.2f}x), paid for by the other TN "
-                         f"layers' batch-{small} savings", dense - tn)
+                found = (spec, None if why is None else _paid_note(small, tn / dense), dense - tn)
                 break
             fallback = fallback or (spec, f"slower than dense at batch {small} ({_fmt_ratios(r)}), taken "
                                           "because kept dense it would leave the other targets too small a "
@@ -649,12 +647,16 @@ def _admit(targets, out, saved, slower_at_1, kept) -> list:
             continue
         credit -= loss
         t.spec = spec
-        t.note = (f"slower than dense at batch {small} ({times[small][0] / times[small][1]:.2f}x), paid for by "
-                  f"the other TN layers' batch-{small} savings")
+        t.note = _paid_note(small, times[small][0] / times[small][1])
         kept.pop(t.name, None)
         out.append(t)
         log.info("%s: TN %s (slower at batch %d, paid for by the other layers)", t.name, _ranks_str(spec), small)
     return _in_order(targets, out)
+
+
+def _paid_note(batch: int, ratio: float) -> str:
+    """The report's note on a form taken though slower than dense at ``batch`` (time ratio ``ratio``)."""
+    return f"slower than dense at batch {batch} ({ratio:.2f}x), paid for by the other TN layers' batch-{batch} savings"
 
 
 def _latency(ev: _Eval, t, cands, ratio: float, shape1):
