@@ -505,12 +505,12 @@ def test_global_allocation_planned_for_speed_cuts_flops_by_the_ratio_too(monkeyp
     """Default config (global allocation, measured planning): the targets are compression_ratio x
     smaller in params *and* in FLOPs (params x output positions); size-only planning spends on the
     layer whose parameters are cheap and FLOPs dear."""
-    from tn_hf.report import positions
+    from tn_hf.report import probe
     _fake_costs(monkeypatch, lambda spec, shape: 0.5)
     torch.manual_seed(0)
     base = _TwoMaps().eval()
     names = ["early", "mid", "late"]
-    pos = positions(base, names)
+    pos = {n: p.positions for n, p in probe(base, names).items()}
     dense_p = {n: base.get_submodule(n).weight.numel() for n in names}
 
     def totals(cfg):

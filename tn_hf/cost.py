@@ -375,9 +375,10 @@ def _ranks_str(spec: dict) -> str:
     return "; ".join("-".join(str(v) for v in s["ranks"]) for s in _leaf_specs(spec))
 
 
-def plan_for_speed(model: nn.Module, targets: list, config, *, allocate,
+def plan_for_speed(model: nn.Module, targets: list, config, *, allocate, probed=None,
                    progress: bool = False) -> tuple[list, dict[str, str]]:
-    """Refine ``targets`` (from ``targeting.plan``, whose rank allocation is ``allocate``) for speed.
+    """Refine ``targets`` (from ``targeting.plan``, whose rank allocation is ``allocate``) for speed;
+    ``probed``: the targets' ``report.probe`` (probed here when not given).
 
     Returns (the targets that get a TN form, {name: reason} for the others, which stay dense and
     are listed in compress's report). With a params/flops budget, the parameters of layers kept dense are taken out of
@@ -386,7 +387,8 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate,
     See the module docstring for the cost model and the rules."""
     want = config.plan_for_speed or config.budget == "latency"
     measured = want and _rank() == 0  # under torch.distributed only process 0 times (the others adopt its plan)
-    probed = probe(model, [t.name for t in targets])
+    if probed is None:
+        probed = probe(model, [t.name for t in targets])
     cm = CostModel()
     kept: dict[str, str] = {}
     try:
@@ -409,7 +411,7 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate,
             if not out or budget <= 0 or (rest / budget <= goal * 1.01 and not taken):
                 break
             ratio, n_kept = rest / budget, len(kept)
-            allocate(model, out, dataclasses.replace(config, compression_ratio=ratio))
+            allocate(model, out, dataclasses.replace(config, compression_ratio=ratio), probed)
             out = _plan_targets(cm, out, config, ratio, probed, kept, progress, measured)
             if len(kept) == n_kept:
                 break
@@ -521,12 +523,8 @@ def _shrink_kept(cm, targets, kept, config, probed, short, chosen) -> list:
     ``_admit`` does; where none is, the largest there faster at the largest batch (the ratio asked
     for outweighs a small-batch loss; the report says so). Returns the layers taken."""
     small, large = min(PLAN_BATCHES), max(PLAN_BATCHES)
-    credit = 0.0  # seconds the TN layers chosen so far save at the smallest batch
-    for t in chosen:
-        ev, _ = _evaluator(cm, t, probed, True)
-        if ev is not None:
-            tn, dense = ev.times(t.spec)[small]
-            credit += dense - tn
+    evs = [(t, _evaluator(cm, t, probed, True)[0]) for t in chosen]
+    credit = _saved_at(small, [ev.times(t.spec) for t, ev in evs if ev is not None])  # (cached times)
     taken: list = []
     goal = config.compression_ratio
     for t in sorted((t for t in targets if t.name in kept), key=lambda t: -_dense_params(t.cls, t.module)):
@@ -636,7 +634,7 @@ def _admit(targets, out, saved, slower_at_1, kept) -> list:
     batch-1 time lost first, while the batch-1 time the chosen TN layers save in all covers what
     these lose: the targets as a whole stay no slower than dense at batch 1."""
     small, large = min(PLAN_BATCHES), max(PLAN_BATCHES)
-    credit = sum(times[small][1] - times[small][0] for times in saved.values())
+    credit = _saved_at(small, saved.values())
 
     def gain(z):  # batch-32 seconds saved per batch-1 second lost
         times = z[2]
@@ -652,6 +650,11 @@ def _admit(targets, out, saved, slower_at_1, kept) -> list:
         out.append(t)
         log.info("%s: TN %s (slower at batch %d, paid for by the other layers)", t.name, _ranks_str(spec), small)
     return _in_order(targets, out)
+
+
+def _saved_at(batch: int, times) -> float:
+    """Seconds saved at ``batch`` by TN forms with these {batch: (TN, dense seconds)} times."""
+    return sum(t[batch][1] - t[batch][0] for t in times)
 
 
 def _paid_note(batch: int, ratio: float) -> str:

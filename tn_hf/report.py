@@ -231,10 +231,6 @@ def probe(model, names: list[str]) -> dict[str, Probed]:
     return out
 
 
-def positions(model, names: list[str]) -> dict[str, int]:
-    return {k: v[1] for k, v in probe(model, names).items()}
-
-
 def flops(module: nn.Module, tn_layer, probed) -> tuple[int | None, int | None]:
     """(dense, TN) FLOPs of one forward: per sample if probed, else per position (None for convs)."""
     if probed is not None:

@@ -27,7 +27,7 @@ from .decompositions import allocate_ranks
 from .layers import SUPPORTED_TYPES, layer_type, registry, tn_class_for
 from .layers.base import n_params, normalize_ranks
 from .layers.tucker import plan_tucker
-from .report import positions
+from .report import probe
 
 logger = logging.getLogger(__name__)
 _HEAD_NAMES = ("classifier", "head", "heads", "lm_head", "score")
@@ -226,9 +226,11 @@ def plan(model: nn.Module, config) -> Plan:
     if config.format == "tucker":  # per-layer ranks / ADA reshaping / shared core (layers.tucker)
         plan_tucker(targets, config)
     elif config.compression_ratio is not None and targets:
+        probed = probe(model, [t.name for t in targets])  # one probe forward for allocation and planner
         if config.budget != "latency":  # latency: the speed planner picks the ranks
-            _allocate(model, targets, config)
-        return Plan(*plan_for_speed(model, targets, config, allocate=_allocate))  # keeps dense what is not smaller
+            _allocate(model, targets, config, probed)
+        # the speed planner keeps dense what is not smaller (or, measured, not faster)
+        return Plan(*plan_for_speed(model, targets, config, allocate=_allocate, probed=probed))
     return Plan(targets)
 
 
@@ -255,22 +257,22 @@ def _normalize_spec_ranks(cls, spec: dict) -> None:
             leaf["ranks"] = normalize_ranks(r, lcls._modes(leaf), lcls.format, leaf["class"])
 
 
-def _allocate(model, targets: list[Target], config: TNConfig) -> None:
-    """Joint rank allocation (decompositions.allocate_ranks) over the tensorized weights."""
+def _allocate(model, targets: list[Target], config: TNConfig, probed: dict) -> None:
+    """Joint rank allocation (decompositions.allocate_ranks) over the tensorized weights; ``probed``
+    (``report.probe``) gives the output positions the FLOPs budgets count."""
     allocation = "uniform" if config.allocation == "time" else config.allocation
-    budget = config.budget
-    capped = budget == "params" and allocation == "global" and config.plan_for_speed
     tensors, fpp = {}, {}
-    pos = positions(model, [t.name for t in targets]) if budget == "flops" or capped else {}
     for t in targets:
         if t.cls.composite:  # recurrent: every matrix at the requested ratio (from_dense)
             continue
         (w,) = t.cls.dense_weights(t.module).values()
         tensors[t.name] = t.cls.tensorize(w.detach().float().cpu(), t.spec)
-        fpp[t.name] = float(pos.get(t.name) or 1)
+        fpp[t.name] = float(probed[t.name].positions if t.name in probed else 1)
     if not tensors:
         return
-    if capped and all(n in pos for n in tensors):  # planning for speed: FLOPs at the ratio too
+    budget = config.budget
+    if (budget == "params" and allocation == "global" and config.plan_for_speed
+            and all(n in probed for n in tensors)):  # planning for speed: FLOPs at the ratio too
         budget = "params+flops"
     ranks = allocate_ranks(tensors, format=config.format, compression_ratio=config.compression_ratio,
                            budget=budget, flops_per_param=fpp if budget != "params" else None,

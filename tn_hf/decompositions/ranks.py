@@ -265,22 +265,19 @@ def allocate_ranks(tensors: dict[str, Tensor], *, format: str = "tt", compressio
     def run(lam: float):
         unit = {n: sum((lam if i else 1.0) * w[n] / b for i, (w, b) in enumerate(caps)) for n in names}
         return _greedy(shapes, ladders, caps, unit)
-    ranks, used = run(1.0)
-    params_cap = caps[0][1]
-    if len(caps) > 1 and used[0] < FILL * params_cap:
+    def filled(got) -> bool:
+        return got[1][0] >= FILL * caps[0][1]
+    best = run(1.0)
+    if len(caps) > 1 and not filled(best):
         # the FLOPs budget ran out first: FLOPs must count for more, until the params budget is spent
         lo, hi = 1.0, 2.0
-        while (got := run(hi))[1][0] < FILL * params_cap and hi < 1e6:
+        while not filled(best := run(hi)) and hi < 1e6:
             lo, hi = hi, hi * 4
-        best = got
-        for _ in range(12):
+        for _ in range(12 if filled(best) else 0):  # the least weight that still fills it
             mid = (lo * hi) ** 0.5
             got = run(mid)
-            if got[1][0] >= FILL * params_cap:
-                hi, best = mid, got
-            else:
-                lo = mid
-        ranks = best[0]
+            lo, hi, best = (lo, mid, got) if filled(got) else (mid, hi, best)
+    ranks = best[0]
     if format == "tt":
         return ranks
     # TR: each tensor's share of the budget from the TT allocation -> largest int TR rank in it
