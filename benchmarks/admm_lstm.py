@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import admm_common as C
+import plots
 from tn_hf import TNConfig, demo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +33,8 @@ class LSTMNet(nn.Module):
 
 def loaders(seed: int):
     import numpy as np
-    from sktime.datasets import load_basic_motions
+    from tn_hf.extras import require
+    load_basic_motions = require("sktime.datasets", "the BasicMotions benchmark").load_basic_motions
     X, y = load_basic_motions(return_type="numpy3D", split="train")
     Xt, yt = load_basic_motions(return_type="numpy3D", split="test")
     classes = sorted(set(y))
@@ -78,6 +80,7 @@ def main():
     with open(OUT + ".md", "w") as f:
         f.write(C.render(data, "ADMM vs direct decomposition, TT/TR-LSTM on BasicMotions (benchmarks/admm_lstm.py)",
                          INTRO))
+    plots.draw(path)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 import torch
 
 import admm_common as C
+import plots
 from tn_hf import TNConfig, demo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -124,6 +125,7 @@ def main():
     C.save(path, data)
     with open(OUT + ".md", "w") as f:
         f.write(render_all(data))
+    plots.draw(path)
 
 
 def render_all(data) -> str:

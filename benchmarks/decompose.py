@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+import plots  # noqa: E402
 from _results import RESULTS, write  # noqa: E402
 
 from tn_hf.decompositions import (auto_modes, factorize, ranks_for_ratio, tn_params, tr_svd, tr_to_full,
@@ -122,6 +123,7 @@ def main():
         "Random-init weights have flat spectra (errors near 1 - 1/ratio); fine for timing.",
     ]
     write("decompose", {"ratio": RATIO, "repeats": repeats, "rows": rows, "totals": tot}, "\n".join(lines), args.out)
+    plots.draw(Path(args.out) / "decompose.json")
     print("\n".join(lines))
 
 

@@ -34,6 +34,7 @@ import tn_hf  # noqa: E402
 from tn_hf.demo import SmallCNN  # noqa: E402
 from tn_hf.report import is_channels_last  # noqa: E402
 from _results import environment  # noqa: E402
+import plots  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TIMM = ["resnet18", "resnet50", "convnext_tiny", "efficientnet_b0", "mobilenetv3_large_100",
@@ -358,7 +359,8 @@ def main():
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(data, indent=1))
             out.with_suffix(".md").write_text(render(data))
-    print(f"wrote {out} and {out.with_suffix('.md')}")
+    plots.draw(out, like="speed_models")
+    print(f"wrote {out}, {out.with_suffix('.md')} and {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

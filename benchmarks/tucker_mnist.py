@@ -31,6 +31,7 @@ import tn_hf
 from tn_hf import TNConfig, demo
 from tn_hf.layers.base import TNLayer
 from _results import environment  # noqa: E402
+import plots  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JSON = os.path.join(HERE, "results", "tucker_mnist.json")
@@ -274,6 +275,7 @@ def render():
         lines.append("")
     with open(MD, "w") as f:
         f.write("\n".join(lines))
+    plots.draw(JSON)
     print("\n".join(lines))
 
 

@@ -114,10 +114,12 @@ def main(argv=None):
     # ADMM-regularised training through the Trainer callback (decomposition is the next, explicit phase)
     cb = tn_hf.ADMMTTCallback(cfg, rho=args.rho, update_every=args.update_every, compress_at_end=False)
     t = trainer(args, model, train_set, test_set, phase="admm", epochs=args.admm_epochs, lr=args.lr, callbacks=[cb])
+    print("admm: planning the ranks of the targeted layers, then ADMM training ...")
     train(t, metrics, "admm")
     evaluate(t, metrics, "admm")
 
     # decompose at the ranks ADMM trained for
+    print("decomposing at the ranks ADMM trained for ...")
     report = cb.sched.compress(model, progress=t.is_world_process_zero())
     print(report)
     metrics.update(output.compression_metrics(report))

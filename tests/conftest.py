@@ -4,6 +4,13 @@ import pytest
 from hub_server import HubServer
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own TN_HF_CACHE: the suite writes nothing to ~/.cache, and no test sees
+    another's timings."""
+    monkeypatch.setenv("TN_HF_CACHE", str(tmp_path_factory.mktemp("tn_hf_cache")))
+
+
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
     """A local Hub-protocol server (tests/hub_server.py); huggingface_hub, transformers and timm

@@ -268,26 +268,23 @@ def test_defaults_reach_the_low_rank_set_for_any_optimizer(opt):
     assert m[2].ranks == s.ranks["2"] and m[4].ranks == s.ranks["4"]
 
 
-def test_one_set_of_ranks_for_compress_with_the_same_ratio_config():
+def test_admm_decomposes_at_its_plan_not_a_fresh_allocation():
     from tn_hf.targeting import plan
     cfg = tn_hf.TNConfig(format="tt", compression_ratio=6.0, min_params=2000)  # global allocation
     m = _model()
     s = ADMMScheduler(m, cfg, total_steps=10)
+    assert not [k for k in m.__dict__ if k.startswith("tn_hf")]  # no state carried on the user's model
     with torch.no_grad():  # training changes the spectra: a fresh allocation would pick other ranks
         m[2].weight.copy_(torch.outer(torch.randn(64), torch.randn(64)) + 1e-3 * torch.randn(64, 64))
-    pinned = {t.name: t.spec["ranks"] for t in plan(m, cfg)}
-    pin = m.__dict__.pop("tn_hf_pinned_ranks")
-    fresh = {t.name: t.spec["ranks"] for t in plan(m, cfg)}
-    m.tn_hf_pinned_ranks = pin
-    assert pinned == s.ranks and fresh != s.ranks
-    other = tn_hf.TNConfig(format="tt", compression_ratio=3.0, min_params=2000)
-    assert {t.name: t.spec["ranks"] for t in plan(m, other)} != s.ranks  # another config: its own ranks
+    fresh = {n: sp["ranks"] for n, sp in plan(m, cfg).specs.items()}
+    assert {n: sp["ranks"] for n, sp in s.plan.specs.items()} == s.ranks and fresh != s.ranks
     m2 = _model()
     m2.load_state_dict(m.state_dict())
-    tn_hf.compress(m, cfg, progress=False)
+    tn_hf.compress(m, s.plan, progress=False)
     s.compress(m2, progress=False)
     for k in s.ranks:
         assert m.get_submodule(k).ranks == m2.get_submodule(k).ranks == s.ranks[k]
+    assert ADMMScheduler(_model(), s.plan, total_steps=10).ranks == s.ranks  # the plan is the value to pass on
 
 
 def test_ranks_override_and_its_errors():
@@ -351,3 +348,36 @@ def test_save_is_atomic_under_a_real_kill(tmp_path):
     s = ADMMScheduler(_model(), CFG)
     s.save(tmp_path)  # the next save removes stale temp files of ours
     assert sorted(os.listdir(tmp_path)) == ["admm_state.json", "admm_state.safetensors"], leftovers
+
+
+def _tampered(edit):
+    state = ADMMScheduler(_model(), CFG, update_every=5).state_dict()
+    edit(state)
+    return state
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda s: s["Z"].update({"2": torch.zeros(1, 64)}), r"Z\['2'\] must be a float tensor of shape \(64, 64\)"),
+    (lambda s: s["U"].update({"4": s["U"]["4"].long()}), r"U\['4'\] must be a float tensor.*torch.int64"),
+    (lambda s: s["Z"]["2"].__setitem__((0, 0), float("nan")), r"Z\['2'\] holds NaN/Inf"),
+    (lambda s: s["Zprev"].update({"6": torch.zeros(64, 64)}), r"unexpected entries \['6'\]"),
+    (lambda s: s["U"].pop("4"), r"U has no entry for \['4'\]"),
+    (lambda s: s["meta"].update(rho=-1.0), r"rho=-1.0 must be a finite number > 0"),
+    (lambda s: s["meta"].update(rho=float("inf")), r"rho=inf"),
+    (lambda s: s["meta"].pop("ranks"), r"saved ranks '\(missing\)'"),
+    (lambda s: s["meta"].update(w_step="grad"), r"saved w_step 'grad' differ.*'prox'"),
+    (lambda s: s["meta"].update(update_every=7), r"saved update_every 7 differ.*5"),
+    (lambda s: s["meta"].update(steps=-3), r"counters \{'steps': -3"),
+    (lambda s: s["meta"].update(steps=2.5), r"counters \{'steps': 2.5"),
+])
+def test_load_state_rejects_tampered_state(edit, match):
+    """Shapes, dtypes, finiteness, entries, rho, counters and the schedule are checked before anything
+    changes: the scheduler keeps its own state."""
+    s = ADMMScheduler(_model(), CFG, update_every=5)
+    before = s.state_dict()
+    with pytest.raises(ValueError, match=match):
+        s.load_state_dict(_tampered(edit))
+    after = s.state_dict()
+    assert after["meta"] == before["meta"]
+    assert all(torch.equal(after[k][n], before[k][n]) for k in ("Z", "U", "Zprev") for n in before[k])
+    s.load_state_dict(_tampered(lambda st: None))  # an untouched state loads

@@ -254,3 +254,62 @@ def test_inspect_totals_equal_compress_totals(compressed_dir):
     read = inspect_checkpoint(str(compressed_dir)).totals
     for k in ("model_params_dense", "model_params_tn", "target_params_dense", "target_params_tn"):
         assert live[k] == read[k], k
+
+
+def test_dry_run_of_a_timm_name_downloads_no_weights(monkeypatch, capsys):
+    """A dry run plans on the architecture: timm's pretrained loader is never called, and the output
+    says the plan was made on random weights."""
+    from timm.models import _builder
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a dry run tried to load pretrained weights")
+    monkeypatch.setattr(_builder, "load_pretrained", no_download)
+    capsys.readouterr()
+    assert main(["compress", "test_resnet", "--ratio", "3", "--no-speed-plan", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "architecture only, random weights" in text and "TOTAL (model)" in text
+    assert "planned on the architecture with random weights (no weights downloaded)" in text
+
+
+def test_dry_run_of_a_hub_id_fetches_its_config_only(hub, tmp_path, capsys):
+    import timm
+    from huggingface_hub import HfApi
+    from timm.models._hub import save_for_hf
+    dense = timm.create_model("test_resnet", pretrained=False, num_classes=4).eval()
+    save_for_hf(dense, str(tmp_path / "dense"), safe_serialization=True)
+    HfApi().create_repo("org/dense-plan")
+    HfApi().upload_folder(repo_id="org/dense-plan", folder_path=tmp_path / "dense")
+    capsys.readouterr()
+    assert main(["compress", "org/dense-plan", "--ratio", "3", "--targets", "layer4.0.conv2", "fc",
+                 "--no-speed-plan", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "no weights downloaded" in text and "layer4.0.conv2" in text
+    assert "org/dense-plan/config.json" in hub.bytes_served
+    assert not [k for k in hub.bytes_served if k.endswith(".safetensors")], hub.bytes_served
+
+
+def test_inspect_shows_the_errors_and_flops_of_the_card(compressed_dir, tmp_path, capsys):
+    """The measured columns come from the report saved with the checkpoint (what the model card
+    shows); a report whose layers do not match the checkpoint's is not used."""
+    import shutil
+
+    from tn_hf.cli import inspect_checkpoint
+    saved = json.loads((compressed_dir / "tn_hf_report.json").read_text())
+    rows = {r["name"]: r for r in saved["rows"]}
+    capsys.readouterr()
+    assert main(["inspect", str(compressed_dir)]) == 0
+    text = capsys.readouterr().out
+    fmt = CompressionReport.fmt
+    card = (compressed_dir / "README.md").read_text()
+    for name in TARGETS:
+        r = rows[name]
+        assert r["rel_error"] > 0 and r["flops_dense"] > r["flops_tn"] > 0
+        cells = next(ln for ln in text.splitlines() if ln.startswith(name + " ")).split()
+        expected = [fmt(r[c], c) for c in ("rel_error", "flops_dense", "flops_tn")]
+        assert all(e in cells for e in expected), (expected, cells)
+        assert f"`{name}` | {r['type']} | {r['tn_type']} |" in card and all(f"| {e} |" in card for e in expected)
+    other = tmp_path / "other"
+    shutil.copytree(compressed_dir, other)
+    saved["rows"][0]["tn_params"] += 1
+    (other / "tn_hf_report.json").write_text(json.dumps(saved))
+    assert all(r["rel_error"] is None and r["flops_dense"] is None for r in inspect_checkpoint(str(other)).rows)

@@ -30,14 +30,14 @@ def _cnn():
 
 
 def test_plan_default_skips_stem_head_grouped_small():
-    names = [t.name for t in plan(_cnn(), tn_hf.TNConfig(ranks=4, min_params=1000))]
+    names = list(plan(_cnn(), tn_hf.TNConfig(ranks=4, min_params=1000)).specs)
     assert names == ["conv", "fc1"]  # stem, depthwise, tiny and head skipped
 
 
 def test_plan_explicit_targets_and_excludes():
     m = _cnn()
-    assert [t.name for t in plan(m, tn_hf.TNConfig(ranks=4, target_modules=["fc.*"]))] == ["fc1", "fc2"]
-    assert [t.name for t in plan(m, tn_hf.TNConfig(ranks=4, min_params=1000, exclude_modules="fc1"))] == ["conv"]
+    assert list(plan(m, tn_hf.TNConfig(ranks=4, target_modules=["fc.*"])).specs) == ["fc1", "fc2"]
+    assert list(plan(m, tn_hf.TNConfig(ranks=4, min_params=1000, exclude_modules="fc1")).specs) == ["conv"]
 
 
 def test_target_pattern_matching_nothing_raises():
@@ -55,7 +55,7 @@ def test_tied_weights_are_skipped():
     m = _cnn()
     m.fc3 = nn.Linear(64, 128)
     m.fc3.weight = m.fc1.weight  # shared parameter
-    names = [t.name for t in plan(m, tn_hf.TNConfig(ranks=4, min_params=1000))]
+    names = list(plan(m, tn_hf.TNConfig(ranks=4, min_params=1000)).specs)
     assert "fc1" not in names and "fc3" not in names and "conv" in names
 
 
@@ -113,12 +113,12 @@ def test_compression_ratio_global_budget():
 def test_timm_plan_skips_stem_head_depthwise():
     timm = pytest.importorskip("timm")
     m = timm.create_model("mobilenetv3_small_050", pretrained=False)
-    names = [t.name for t in plan(m, tn_hf.TNConfig(ranks=4))]
+    names = list(plan(m, tn_hf.TNConfig(ranks=4)).specs)
     assert names and "conv_stem" not in names and "classifier" not in names
     mods = dict(m.named_modules())
     assert all(getattr(mods[n], "groups", 1) == 1 for n in names)
     r = timm.create_model("test_resnet", pretrained=False)
-    names = [t.name for t in plan(r, tn_hf.TNConfig(ranks=4, min_params=100))]
+    names = list(plan(r, tn_hf.TNConfig(ranks=4, min_params=100)).specs)
     assert "conv1.0" not in names and "fc" not in names and any(n.startswith("layer") for n in names)
 
 
@@ -156,3 +156,16 @@ def test_no_target_error_names_conv_subclasses_with_their_own_forward():
     with pytest.raises(ValueError, match="StdConv subclass a supported type with a forward of their own"):
         tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3))
     assert type(m[1]) is StdConv
+
+
+def test_progress_says_each_stage_from_the_start(capsys):
+    """The bar is up before planning and names each stage (planning, probing, decomposing)."""
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    cfg = tn_hf.TNConfig(ranks=4, min_params=1000, target_modules=["0"])
+    tn_hf.compress(net, cfg, progress=True)
+    err = capsys.readouterr().err
+    at = [err.find(f"tn_hf compress: {s}") for s in ("planning", "probing input shapes", "decomposing")]
+    assert -1 not in at and at == sorted(at), err
+    assert "1/1" in err
+    tn_hf.compress(nn.Sequential(nn.Linear(64, 128), nn.ReLU()), cfg, progress=False)
+    assert capsys.readouterr().err == ""

@@ -296,3 +296,33 @@ def test_kernel_mode_in_is_exact_and_two_steps(cls):
         cls(6, 8, 3, ranks=2, kernel_mode="middle")
     with pytest.raises(ValueError, match="kernel_mode='in' takes one input mode"):
         cls(6, 8, 3, ranks=2, kernel_mode="in", in_factors=(2, 3))
+
+
+@pytest.mark.parametrize("cls, dense_path", [(TTConv2d, False), (TTConv2d, True), (TRConv1d, False),
+                                             (TRConv1d, True), (TTLinear, True), (TRLinear, True)],
+                         ids=lambda v: getattr(v, "__name__", str(v)))
+def test_eval_cache_follows_autocast(monkeypatch, cls, dense_path):
+    """Merged weights cached under ``torch.autocast`` (bfloat16) are not reused by a plain float32
+    forward, nor the float32 ones under autocast: each call equals an uncached layer's output (the
+    convs' merged factors and every rebuilt weight; a linear layer's contraction merges nothing)."""
+    import copy
+    torch.manual_seed(0)
+    m, x = small(cls)
+    m, x = m.float().eval(), x.float()
+    monkeypatch.setattr(type(m), "use_dense_path", lambda self, *_: dense_path)
+
+    def uncached():
+        with torch.no_grad():
+            return copy.deepcopy(m)(x)  # a copy starts with an empty cache
+    with torch.no_grad():
+        for autocast in (True, False, True, False):
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                y, ref = m(x), uncached()
+            assert y.dtype == ref.dtype and torch.equal(y, ref)
+
+
+def test_load_cores_with_a_bias_into_a_layer_without_one_names_the_layer():
+    m = TTLinear(12, 20, bias=False, ranks=2, in_factors=(3, 4), out_factors=(4, 5))
+    cores = [c.detach().clone() for c in m.cores]
+    with pytest.raises(ValueError, match=r"TTLinear\.load_cores: a bias was given but the layer has none"):
+        m.load_cores(cores, torch.zeros(20))

@@ -23,10 +23,10 @@ def test_rel_error_on_strided_1x1_convs():
 def test_container_name_selects_its_layers():
     timm = pytest.importorskip("timm")
     model = timm.create_model("resnet10t", pretrained=False)
-    names = [t.name for t in plan(model, tn_hf.TNConfig(ranks=4, target_modules=["layer4"]))]
+    names = list(plan(model, tn_hf.TNConfig(ranks=4, target_modules=["layer4"])).specs)
     expected = [n for n, m in model.named_modules() if n.startswith("layer4.") and type(m) is nn.Conv2d]
     assert names == expected and names
-    excluded = [t.name for t in plan(model, tn_hf.TNConfig(ranks=4, exclude_modules=["layer4"], min_params=1))]
+    excluded = list(plan(model, tn_hf.TNConfig(ranks=4, exclude_modules=["layer4"], min_params=1)).specs)
     assert excluded and not any(n.startswith("layer4.") for n in excluded)
 
 
@@ -63,3 +63,28 @@ def test_compress_on_load_with_quantization_config(tmp_path):
     again = T.VideoMAEForVideoClassification.from_pretrained(tmp_path / "tn").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(x).logits, model(x).logits)
+
+
+def test_timm_hook_lets_the_hub_error_through_unchanged(monkeypatch):
+    """Hub unreachable: timm's own error reaches the caller as it is (the same object, nothing chained
+    to it); the hook's config.json lookup failing hands the load to timm instead of raising its own."""
+    pytest.importorskip("timm")
+    from timm.models import _hub
+
+    from tn_hf.integrations.timm import _make_wrapper
+
+    class HubDown(Exception):
+        pass
+    upstream = HubDown("timm's loader: the Hub cannot be reached")
+
+    def original(model, pretrained_cfg=None, *args, **kwargs):
+        raise upstream
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("config.json: the Hub cannot be reached")
+    monkeypatch.setattr(_hub, "download_from_hf", unreachable)
+    wrapper = _make_wrapper(original)
+    for cfg in ({"source": "hf-hub", "hf_hub_id": "org/name"}, {"hf_hub_id": "timm/resnet18.a1_in1k"}):
+        with pytest.raises(HubDown) as e:
+            wrapper(nn.Linear(2, 2), cfg)
+        assert e.value is upstream and e.value.__cause__ is None and e.value.__context__ is None

@@ -2,6 +2,7 @@
 hostile checkpoints fail before memory is spent, half precision compresses."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,6 +155,7 @@ def test_failed_save_cleans_up_and_stale_staging_removed(tmp_path, monkeypatch):
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     stale = tmp_path / ".tn_hf-staging-deadbeef"  # left by a killed save
     stale.mkdir()
+    (stale / ".tn_hf-writer").touch()
     (stale / "model.safetensors").write_bytes(b"partial")
 
     def boom(*a, **k):
@@ -357,3 +359,234 @@ def test_bad_config_errors_name_module_and_choices(cfg, match):
 def test_bad_format_names_choices():
     with pytest.raises(ValueError, match=r"format='cp'.*valid choices"):
         tn_hf.TNConfig(format="cp", ranks=4)
+
+
+# ----------------------------------------------------------------------------- 9. links, partial states, races
+def _plant_journal(folder, staging, files):
+    (folder / ".tn_hf-commit.json").write_text(json.dumps({"staging": staging, "files": files}))
+
+
+def test_load_moves_nothing_from_outside_the_folder(tmp_path):
+    """A cloned folder with a staging link (or a staged link) and a journal: no loader moves anything,
+    the outside file stays where it is, and the error names the journal."""
+    timm = pytest.importorskip("timm")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("KEY")
+    torch_ckpt, timm_ckpt = tmp_path / "torch", tmp_path / "timm"
+    _saved(torch_ckpt)
+    _timm_saved(timm_ckpt)
+    loads = {torch_ckpt: lambda: tn_hf.from_pretrained(torch_ckpt, model_class=Net),
+             timm_ckpt: lambda: timm.create_model(f"local-dir:{timm_ckpt}", pretrained=True)}
+    for folder, load in loads.items():
+        before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+        (folder / ".tn_hf-staging-0123456789ab").symlink_to(outside, target_is_directory=True)
+        _plant_journal(folder, ".tn_hf-staging-0123456789ab", ["secret"])
+        with pytest.raises(CheckpointError, match=r"\.tn_hf-commit\.json is not a tn_hf save journal.*link"):
+            load()
+        os.remove(folder / ".tn_hf-staging-0123456789ab")
+        staged = folder / ".tn_hf-staging-00000000000f"  # a real staging folder holding a link
+        staged.mkdir()
+        (staged / ".tn_hf-writer").touch()
+        (staged / "model.safetensors").symlink_to(outside / "secret")
+        _plant_journal(folder, staged.name, ["model.safetensors"])
+        with pytest.raises(CheckpointError, match=r"staged \['model.safetensors'\] are links"):
+            load()
+        assert (outside / "secret").read_text() == "KEY" and sorted(p.name for p in outside.iterdir()) == ["secret"]
+        assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before | {
+            ".tn_hf-commit.json": (folder / ".tn_hf-commit.json").read_bytes()}
+
+
+def test_push_uploads_regular_files_of_the_folder_only(hub, tmp_path):
+    folder = tmp_path / "ckpt"
+    _saved(folder)
+    key = tmp_path / "id_rsa"
+    key.write_text("PRIVATE KEY")
+    os.remove(folder / "README.md")
+    (folder / "README.md").symlink_to(key)
+    with pytest.warns(UserWarning, match=r"not uploading \['README.md'\].*links"):
+        tn_hf.push_to_hub(folder, "org/links", progress=False)
+    files = hub.files("org/links")
+    assert "README.md" not in files and not any(b"PRIVATE KEY" in v for v in files.values())
+    assert {"config.json", "model.safetensors"} <= set(files)
+    os.remove(folder / "README.md")
+    (folder / "id_rsa").write_text("PRIVATE KEY")  # an index may name only *.safetensors files of the folder
+    for shard in ("id_rsa", "../id_rsa", str(key), "link.safetensors"):
+        if shard == "link.safetensors":
+            (folder / shard).symlink_to(key)
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"mid.cores.0": shard}}))
+        with pytest.raises(FileNotFoundError, match="names shards that are not .*safetensors regular files"):
+            tn_hf.push_to_hub(folder, "org/index", progress=False)
+    assert "org/index" not in hub.repos or not any(b"PRIVATE KEY" in v for v in hub.files("org/index").values())
+
+
+def _vivit_saved(path):
+    T = pytest.importorskip("transformers")
+    cfg = T.VivitConfig(tubelet_size=[2, 8, 8], image_size=32, num_frames=4, hidden_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=128, num_labels=3)
+    torch.manual_seed(0)
+    model = T.VivitForVideoClassification(cfg).eval()
+    tn_hf.compress(model, tn_hf.TNConfig(ranks=4, min_params=1000), progress=False)
+    model.save_pretrained(path)
+    return T
+
+
+def test_transformers_load_matches_tn_cores_by_name(tmp_path):
+    """A TN core renamed in the weights file (same shapes, so the count check passes) is a CheckpointError
+    naming the core, from transformers' own loader and from tn_hf's, never uninitialised memory."""
+    from safetensors.torch import load_file, save_file
+    T = _vivit_saved(tmp_path)
+    T.VivitForVideoClassification.from_pretrained(tmp_path)  # loads as saved
+    f = tmp_path / "model.safetensors"
+    sd = load_file(str(f))
+    key = next(k for k in sd if k.endswith("projection.cores.0"))
+    sd[key.replace("projection.", "projection_renamed.")] = sd.pop(key)
+    save_file(sd, str(f), metadata={"format": "pt"})
+    for load in (T.VivitForVideoClassification.from_pretrained, T.AutoModelForVideoClassification.from_pretrained,
+                 tn_hf.from_pretrained):
+        with pytest.raises(CheckpointError, match=r"missing keys.*projection\.cores\.0"):
+            load(tmp_path)
+
+
+@pytest.mark.parametrize("edit", ["unexpected", "missing"])
+def test_transformers_load_names_unexpected_and_missing_tn_keys(tmp_path, edit):
+    """An extra tensor in a TN layer (transformers alone would drop it with a warning) or a core missing
+    from the file is a CheckpointError naming the key, before the layers are allocated."""
+    from safetensors.torch import load_file, save_file
+    T = _vivit_saved(tmp_path)
+    f = tmp_path / "model.safetensors"
+    sd = load_file(str(f))
+    key = next(k for k in sd if k.endswith(".cores.0"))
+    if edit == "unexpected":
+        key = key.replace("cores.0", "scale")
+        sd[key] = torch.ones(3)
+    else:
+        del sd[key]
+    save_file(sd, str(f), metadata={"format": "pt"})
+    for load in (T.VivitForVideoClassification.from_pretrained, tn_hf.from_pretrained):
+        with pytest.raises(CheckpointError, match=rf"{edit}.*{re.escape(key)}"):
+            load(tmp_path)
+
+
+@pytest.mark.parametrize("interrupt", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_failed_compress_leaves_the_model_as_it_was(interrupt, monkeypatch, tmp_path):
+    import tn_hf.convert as convert
+    torch.manual_seed(0)
+    model = Net()
+    modules = dict(model.named_modules())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    real, calls = convert._decompose, []
+
+    def second_fails(t, config):
+        calls.append(t.name)
+        if len(calls) == 2:
+            raise interrupt
+        return real(t, config)
+    monkeypatch.setattr(convert, "_decompose", second_fails)
+    cfg = tn_hf.TNConfig(ranks=4, min_params=500, target_modules=["inp", "mid", "rnn"])
+    with pytest.raises(type(interrupt)):
+        tn_hf.compress(model, cfg, progress=False)
+    assert len(calls) == 2
+    assert dict(model.named_modules()) == modules  # the same module objects, none swapped
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and state.keys() == \
+        model.state_dict().keys()
+    assert not hasattr(model, "tn_hf_specs") and not hasattr(model, "tn_hf_report")
+    monkeypatch.setattr(convert, "_decompose", real)
+    tn_hf.compress(model, cfg, progress=False)  # a retry compresses all three and saves a loadable checkpoint
+    assert set(model.tn_hf_specs) == {"inp", "mid", "rnn"}
+    tn_hf.save_pretrained(model, tmp_path, model_args={"width": 32})
+    assert isinstance(tn_hf.from_pretrained(tmp_path, model_class=Net).mid, TNLayer)
+
+
+def test_a_load_during_a_slow_save_breaks_nothing(tmp_path, monkeypatch):
+    """Another writer's staging folder is left alone by a load (and by a second save); the slow save then
+    returns, and what it saved is on disk."""
+    import threading
+
+    import tn_hf.serialization as ser
+    model = _saved(tmp_path)
+    staged, release = threading.Event(), threading.Event()
+    real = ser.write_weights
+
+    def slow(m, path):
+        real(m, path)
+        staged.set()
+        assert release.wait(60)
+    monkeypatch.setattr(ser, "write_weights", slow)
+    with torch.no_grad():
+        model.out.bias.fill_(7.0)
+    errors = []
+
+    def save():
+        try:
+            tn_hf.save_pretrained(model, tmp_path, model_args={"width": 32})
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    saver = threading.Thread(target=save)
+    saver.start()
+    assert staged.wait(60)
+    monkeypatch.setattr(ser, "write_weights", real)
+    loaded = tn_hf.from_pretrained(tmp_path, model_class=Net)  # the old checkpoint, whole
+    assert not torch.all(loaded.out.bias == 7.0)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tn_hf-staging-")]  # still there
+    release.set()
+    saver.join(60)
+    assert errors == []
+    assert torch.all(tn_hf.from_pretrained(tmp_path, model_class=Net).out.bias == 7.0)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tn_hf")]
+
+
+def test_recovery_acts_only_on_staging_folders_tn_hf_created(tmp_path):
+    """A folder named like a staging folder but without the writer's marker is not tn_hf's: loads and
+    saves keep it (and a journal naming it moves nothing); one with the marker whose writer is gone,
+    or an empty one, is removed."""
+    _saved(tmp_path)
+    foreign = tmp_path / ".tn_hf-staging-0000000000aa"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    (tmp_path / ".tn_hf-staging-0000000000bb").mkdir()  # a writer killed before its marker
+    dead = tmp_path / ".tn_hf-staging-0000000000cc"  # a writer killed mid-render
+    dead.mkdir()
+    (dead / ".tn_hf-writer").touch()
+    (dead / "model.safetensors").write_bytes(b"partial")
+    tn_hf.from_pretrained(tmp_path, model_class=Net)
+    _saved(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tn_hf")) == [foreign.name]
+    assert (foreign / "notes.txt").read_text() == "mine"
+    (tmp_path / ".tn_hf-commit.json").write_text(json.dumps({"staging": foreign.name, "files": ["notes.txt"]}))
+    with pytest.raises(CheckpointError, match=r"not a tn_hf save journal.*not created by tn_hf's writer"):
+        tn_hf.from_pretrained(tmp_path, model_class=Net)
+    assert (foreign / "notes.txt").read_text() == "mine" and not (tmp_path / "notes.txt").exists()
+
+
+def test_only_a_card_tn_hf_wrote_is_replaced(tmp_path):
+    (tmp_path / "README.md").write_text("# my project\n\nCompressed with tn_hf; see tn_hf.compress.\n")
+    with pytest.warns(UserWarning, match="kept your .*README.md"):
+        _saved(tmp_path)
+    assert (tmp_path / "README.md").read_text().startswith("# my project")
+    os.remove(tmp_path / "README.md")
+    _saved(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    _saved(tmp_path)  # our own card is replaced without a word
+    assert (tmp_path / "README.md").read_text() == card and "# my project" not in card
+
+
+def test_hostile_json_and_repo_ids_and_card_text(tmp_path):
+    from tn_hf.hub import is_repo_id
+    _saved(tmp_path)
+    good = (tmp_path / "config.json").read_text()
+    for text in ('{"tn_hf": ' + "[" * 100000 + "]" * 100000 + "}", '{"tn_hf": ' + "[" * 200 + "]" * 200 + "}",
+                 '{"tn_hf": {"format_version": ' + "9" * 5000 + "}}"):
+        (tmp_path / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match="config.json"):
+            tn_hf.from_pretrained(tmp_path, model_class=Net)
+    (tmp_path / "config.json").write_text(good)
+    assert not is_repo_id("org/name\n") and not is_repo_id("name\n") and is_repo_id("org/name")
+    torch.manual_seed(0)
+    model = Net()
+    model.add_module("<script>alert(1)</script>", nn.Linear(32, 32))
+    tn_hf.compress(model, tn_hf.TNConfig(ranks=4, min_params=500, target_modules=["<script>alert(1)</script>"]),
+                   progress=False)
+    tn_hf.save_pretrained(model, tmp_path / "card")
+    card = (tmp_path / "card" / "README.md").read_text()
+    assert "<script>" not in card and "&lt;script&gt;alert(1)&lt;/script&gt;" in card

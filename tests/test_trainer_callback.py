@@ -208,3 +208,27 @@ def test_defaults_metrics_reach_loggers_before_ours_and_progress(tmp_path, capsy
     assert isinstance(tr.model.mid, tn_hf.layers.TTLinear) and tr.model.mid.ranks == s.ranks["mid"]
     err = capsys.readouterr().err
     assert "tn_hf compress" not in err and "ADMM projections" not in err  # progress=False honoured
+
+
+def test_save_model_after_compression_writes_the_card_and_report(tmp_path):
+    """``trainer.save_model(dir)`` after the callback decomposed the model writes README.md,
+    compression.png and tn_hf_report.json next to the weights, as tn_hf.save_pretrained does."""
+    import json
+    cb = tn_hf.ADMMTTCallback(CFG, rho=0.1, update_every=2)
+    tr = _trainer(tmp_path, cb, save_strategy="no")
+    tr.train()
+    out = tmp_path / "final"
+    tr.save_model(str(out))
+    assert {"model.safetensors", "README.md", "compression.png", "tn_hf_report.json"} <= {p.name for p in out.iterdir()}
+    saved = json.loads((out / "tn_hf_report.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(cb.report.to_dict()["rows"], default=str))
+    assert [r["name"] for r in saved["rows"]] == ["mid"] and saved["totals"]["method"] == "admm"
+    card = (out / "README.md").read_text()
+    assert "`mid`" in card and "tn_hf" in card and "ADMM" in card
+
+
+def test_training_events_before_train_begin_name_the_missing_step():
+    cb = tn_hf.ADMMTTCallback(CFG)
+    for event in (cb.on_pre_optimizer_step, cb.on_step_end, cb.on_epoch_end):
+        with pytest.raises(RuntimeError, match="before on_train_begin"):
+            event(None, None, None)

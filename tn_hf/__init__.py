@@ -12,6 +12,9 @@ from .integrations import install_hooks
 
 # public name -> module that defines it (imported on first use)
 _EXPORTS = {
+    "plan": ".targeting",
+    "tune": ".targeting",
+    "Plan": ".plans",
     "compress": ".convert",
     "decompress": ".convert",
     "CompressionReport": ".report",

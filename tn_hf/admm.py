@@ -35,10 +35,10 @@ first half of the run is a few e-folds); in the last part every step closes most
 the loss keeps adapting the weights inside the low-rank set, so the run ends with a small primal
 residual ``||W - Z|| / ||W||`` (about 1e-3 on the MNIST benchmark) and decomposing loses little.
 
-The targets and their ranks come from ``tn_hf.targeting.plan(model, config)``; the scheduler pins
-those ranks on the model (``model.tn_hf_pinned_ranks``), and ``plan`` honours the pin for the same
-config, so ``sched.compress()``, the Trainer callback's ``compress_at_end`` and
-``tn_hf.compress(model, config)`` all decompose at exactly the ranks ADMM trained for. Under DDP
+The targets and their ranks come from a ``Plan``: the one passed in, or ``tn_hf.plan(model,
+config)`` (deterministic). ``sched.plan`` is the plan at the ranks ADMM trains for, so
+``sched.compress()``, the Trainer callback's ``compress_at_end`` and ``tn_hf.compress(model,
+sched.plan)`` all decompose at exactly those ranks; nothing is stored on the model. Under DDP
 rank 0 computes Z and U and broadcasts them: every rank holds the same state. ``state_dict()`` /
 ``load_state_dict()`` make it a checkpointable object for ``accelerator.register_for_checkpointing``;
 ``save(dir)`` / ``load(dir)`` write ``admm_state.safetensors`` (Z, U, Zprev; the counters, rho and
@@ -64,9 +64,10 @@ from . import decompositions as D
 from .config import TNConfig
 from .convert import compress
 from .decompositions import ranks_for_ratio
-from .layers import registry
+from .layers import TNLayer, registry
 from .layers.base import normalize_ranks
-from .targeting import LAYOUT_KEYS, as_config, plan
+from .plans import as_plan_or_config
+from .targeting import LAYOUT_KEYS, resolve
 
 STATE_TENSORS = "admm_state.safetensors"
 STATE_JSON = "admm_state.json"
@@ -95,7 +96,7 @@ class _Slot:
     name: str          # "<module name>" or "<module name>.<weight name>" (recurrent)
     target: str        # module name from plan()
     param: nn.Parameter
-    cls: type          # class providing tensorize/detensorize for this weight
+    cls: type[TNLayer] # class providing tensorize/detensorize for this weight
     spec: dict         # (leaf) spec of this weight
     ranks: list
 
@@ -170,8 +171,8 @@ class ADMMScheduler:
     def __init__(self, model: nn.Module, config, *, total_steps: int | None = None, rho: float | None = None,
                  update_every=None, rho_schedule=None, w_step: str | None = None, steps_per_epoch: int | None = None,
                  ranks: dict | None = None, progress: bool = False):
-        config = as_config(config)
-        if config.rel_error is not None:
+        value = as_plan_or_config(config)
+        if isinstance(value, TNConfig) and value.rel_error is not None:
             raise ValueError("ADMMScheduler: TNConfig(rel_error=...) does not fix the ranks; ADMM needs "
                              "TNConfig(ranks=...) or TNConfig(compression_ratio=...)")
         if w_step is None:  # an explicit rho keeps its meaning of earlier versions (gradient units)
@@ -197,7 +198,6 @@ class ADMMScheduler:
         if rho is None:
             rho = 1e-2 if w_step == "prox" else 1e-3
         self.model = _unwrap(model)
-        self.config = config
         self.rho = float(rho)
         self.w_step = w_step
         self.total_steps = total_steps
@@ -209,12 +209,15 @@ class ADMMScheduler:
         self.updates = 0
         self.update_seconds = 0.0
         self.slots: list[_Slot] = []
-        targets = plan(self.model, config)
-        self._kept_dense = targets.kept_dense  # the speed planner's: the pin keeps them dense
+        the_plan, targets = resolve(self.model, value)
+        self.config = config = the_plan.config
         for t in targets:
             self.slots.extend(self._slots_for(t))
         if not self.slots:
             raise ValueError(f"ADMMScheduler: no target in {type(self.model).__name__} for {config}")
+        if self.config.rel_error is not None:
+            raise ValueError("ADMMScheduler: a plan for TNConfig(rel_error=...) does not fix the ranks; ADMM "
+                             "needs one for ranks= or compression_ratio=")
         if ranks is not None:
             if set(ranks) != {s.name for s in self.slots}:
                 raise ValueError(f"ADMMScheduler: ranks= names {sorted(ranks)}; this model's targets for "
@@ -226,7 +229,8 @@ class ADMMScheduler:
                 raise ValueError(f"ADMMScheduler: {s.name} is a DTensor (FSDP2 / tensor parallel); ADMM needs "
                                  "full weights on every rank: use DDP, or gather the model (full_tensor()) "
                                  "before building the scheduler")
-        self._pin()
+        # the plan ADMM trains for; compress() decomposes at exactly these ranks and forms
+        self.plan = the_plan.with_ranks({s.target: s.ranks for s in self.slots if s.name == s.target})
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.Zprev: dict[str, torch.Tensor] = {}
@@ -234,14 +238,6 @@ class ADMMScheduler:
             for s in self.slots:
                 self.U[s.name] = torch.zeros_like(s.param, dtype=torch.float32)
             self._project_all(first=True)
-
-    def _pin(self):
-        """Record the ranks on the model: plan(model, same config) then uses them (one set of ranks)."""
-        leaf = {s.target: list(s.ranks) for s in self.slots if s.name == s.target}
-        layout = {s.target: {k: s.spec[k] for k in LAYOUT_KEYS if k in s.spec}
-                  for s in self.slots if s.name == s.target}
-        self.model.tn_hf_pinned_ranks = {"config": self.config.to_dict(), "ranks": leaf, "layout": layout,
-                                         "kept_dense": dict(self._kept_dense)}
 
     # ------------------------------------------------------------------ targets
     def _slots_for(self, t) -> list[_Slot]:
@@ -329,6 +325,7 @@ class ADMMScheduler:
         for s in self.slots:
             term = (s.param.float() - self.Z[s.name] + self.U[s.name]).pow(2).sum()
             total = term if total is None else total + term
+        assert total is not None  # the constructor requires one target at least
         return 0.5 * self.rho * total
 
     @torch.no_grad()
@@ -349,6 +346,7 @@ class ADMMScheduler:
         if sch is not None and sch["type"] == "step" and self.steps in sch["milestones"]:
             self._set_rho(self.rho * float(sch["factor"]))
         elif sch is not None and sch["type"] == "geometric":
+            assert self.total_steps  # the constructor requires it for a geometric schedule
             t = min(self.steps / self.total_steps, 1.0)
             self._set_rho(float(sch["start"]) * (float(sch["end"]) / float(sch["start"])) ** t)
         if self.update_every == "epoch":
@@ -418,21 +416,52 @@ class ADMMScheduler:
                 "ranks": self.ranks, "update_seconds": self.update_seconds}
 
     def load_state_dict(self, state: dict):
+        """Restore what ``state_dict()`` returned. Everything is checked before anything changes (a
+        ValueError names what does not fit): Z, U and Zprev hold exactly this scheduler's targets as
+        finite float tensors of their weights' shapes; the saved ranks, ``w_step`` and ``update_every``
+        are this scheduler's; rho is finite and > 0, the counters are ints >= 0."""
+        where = "ADMMScheduler.load_state_dict"
+        if not (isinstance(state, dict) and isinstance(state.get("meta"), dict)
+                and all(isinstance(state.get(kind), dict) for kind in _KINDS)):
+            raise ValueError(f"{where}: state must be a dict with {list(_KINDS)} (dicts of tensors) and 'meta' "
+                             "(a dict), as state_dict() returns")
         meta = state["meta"]
-        if meta.get("ranks") is not None and meta["ranks"] != self.ranks:
-            raise ValueError(f"ADMMScheduler.load_state_dict: saved ranks {meta['ranks']} differ from "
-                             f"this scheduler's {self.ranks} (different model or config)")
+        for key, own_value in (("ranks", self.ranks), ("w_step", self.w_step), ("update_every", self.update_every)):
+            if key not in meta or meta[key] != own_value:
+                raise ValueError(f"{where}: saved {key} {meta.get(key, '(missing)')!r} differ from this scheduler's "
+                                 f"{own_value!r} (another model, config or schedule)")
+        rho = meta.get("rho")
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not (math.isfinite(rho) and rho > 0):
+            raise ValueError(f"{where}: saved rho={rho!r} must be a finite number > 0")
+        counters = {k: meta.get(k, 0 if k == "update_seconds" else None)
+                    for k in ("steps", "epochs", "updates", "update_seconds")}
+        counters["last_update"] = meta.get("last_update", counters["steps"])
+        bad = {k: v for k, v in counters.items()
+               if isinstance(v, bool) or not isinstance(v, (int, float) if k == "update_seconds" else int)
+               or not (math.isfinite(v) and v >= 0)}
+        if bad:
+            raise ValueError(f"{where}: saved counters {bad} must be ints >= 0 (update_seconds: a float >= 0)")
+        for kind in _KINDS:
+            own, saved = getattr(self, kind), state[kind]
+            missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+            if missing or unexpected:
+                raise ValueError(f"{where}: {kind} has no entry for {missing} and unexpected entries {unexpected}")
+            for k, v in saved.items():
+                shape = tuple(own[k].shape)
+                if not isinstance(v, torch.Tensor) or not v.is_floating_point() or tuple(v.shape) != shape:
+                    raise ValueError(f"{where}: {kind}[{k!r}] must be a float tensor of shape {shape}, "
+                                     f"got {type(v).__name__} {getattr(v, 'dtype', '')} "
+                                     f"{tuple(getattr(v, 'shape', ()))}")
+                if not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"{where}: {kind}[{k!r}] holds NaN/Inf values")
         for kind in _KINDS:
             own = getattr(self, kind)
-            missing = set(own) - set(state[kind])
-            if missing:
-                raise ValueError(f"ADMMScheduler.load_state_dict: no {kind} for {sorted(missing)}")
             for k in own:
                 own[k] = state[kind][k].to(device=own[k].device, dtype=torch.float32).clone()
-        self.rho = float(meta["rho"])
-        self.steps, self.epochs, self.updates = int(meta["steps"]), int(meta["epochs"]), int(meta["updates"])
-        self.update_seconds = float(meta.get("update_seconds", 0.0))
-        self._last_update = int(meta.get("last_update", self.steps))
+        self.rho = float(rho)
+        self.steps, self.epochs, self.updates = counters["steps"], counters["epochs"], counters["updates"]
+        self.update_seconds = float(counters["update_seconds"])
+        self._last_update = counters["last_update"]
 
     def save(self, directory: str, *, tag: str | None = None):
         """Write admm_state.safetensors (Z, U, Zprev; rho, counters, ranks and ``tag`` in its metadata)
@@ -458,19 +487,29 @@ class ADMMScheduler:
             return None
         with safe_open(path, framework="pt") as f:
             meta = (f.metadata() or {}).get("tn_hf_admm")
-        if meta is None:  # written before the metadata existed
-            with open(os.path.join(directory, STATE_JSON)) as fh:
-                return json.load(fh)
-        return json.loads(meta)
+        try:
+            if meta is None:  # written before the metadata existed
+                with open(os.path.join(directory, STATE_JSON)) as fh:
+                    meta = fh.read()
+            out = json.loads(meta)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"ADMMScheduler: the ADMM state in {directory} has unreadable metadata: "
+                             f"{type(e).__name__}") from None
+        if not isinstance(out, dict):
+            raise ValueError(f"ADMMScheduler: the ADMM state in {directory} has metadata that is not an object")
+        return out
 
     def load(self, directory: str):
         path = os.path.join(directory, STATE_TENSORS)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ADMMScheduler.load: no {STATE_TENSORS} in {directory}")
         flat = load_file(path)
-        state = {kind: {} for kind in _KINDS}
+        state: dict = {kind: {} for kind in _KINDS}
         for key, v in flat.items():
             kind, _, name = key.partition(".")
+            if kind not in _KINDS:
+                raise ValueError(f"ADMMScheduler.load: {path} holds {key!r}; its tensors are named "
+                                 f"'<{'|'.join(_KINDS)}>.<target>'")
             state[kind][name] = v
         state["meta"] = self.read_meta(directory)
         self.load_state_dict(state)
@@ -493,10 +532,8 @@ class ADMMScheduler:
         return TNConfig.from_dict(d)
 
     def compress(self, model: nn.Module | None = None, *, progress: bool = True):
-        """Decompose the targets in place at the ADMM ranks: ``tn_hf.compress(model, config)``, which
-        honours the ranks pinned on the model; returns its report."""
+        """Decompose the targets in place at the ranks ADMM trained for: ``tn_hf.compress(model,
+        sched.plan)``; returns its report."""
         model = _unwrap(model) if model is not None else self.model
-        if model is not self.model:
-            model.tn_hf_pinned_ranks = self.model.tn_hf_pinned_ranks
-        return compress(model, self.config, progress=progress, method="admm")
+        return compress(model, self.plan, progress=progress, method="admm")
 

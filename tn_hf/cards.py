@@ -13,7 +13,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .report import CompressionReport
+from .report import CompressionReport, markdown_text
+from .serialization import CARD_MARKER
 
 TEMPLATE = "model_card.md"
 FIGURE = "compression.png"
@@ -35,6 +36,16 @@ def _as_report_dict(model, report) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- figure
 def plot_compression(rows: list[dict], path) -> Path:
     """Bar chart of dense vs TN params per layer (log scale) with the ratio on each bar."""
+    fig = compression_figure(rows)
+    import matplotlib.pyplot as plt
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def compression_figure(rows: list[dict]) -> Any:
+    """The figure of ``plot_compression``; its legend sits below the axes, clear of every bar."""
     import matplotlib
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
@@ -42,8 +53,8 @@ def plot_compression(rows: list[dict], path) -> Path:
     names = [r["name"] for r in rows]
     dense = [r.get("dense_params") or 0 for r in rows]
     tn = [r.get("tn_params") or 0 for r in rows]
-    height = max(2.5, 0.35 * len(rows) + 1.2)
-    fig, ax = plt.subplots(figsize=(8, min(height, 40)))
+    height = max(2.5, 0.35 * len(rows) + 1.5)
+    fig, ax = plt.subplots(figsize=(8, min(height, 40)), layout="constrained")
     y = list(range(len(rows)))
     ax.barh([i + 0.2 for i in y], dense, height=0.4, label="dense", color="#9aa5b1")
     ax.barh([i - 0.2 for i in y], tn, height=0.4, label="tensor network", color="#d9480f")
@@ -57,12 +68,8 @@ def plot_compression(rows: list[dict], path) -> Path:
         ax.set_xlim(right=max(dense + tn) * 4)
     ax.set_xlabel("parameters (log scale)")
     ax.set_title("Per-layer compression")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    fig.legend(loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    return fig
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -79,7 +86,7 @@ def _format_of(model) -> str:
     fmt = cfg.get("format") if isinstance(cfg, dict) else None
     if fmt is None:
         specs = getattr(model, "tn_hf_specs", None) or {}
-        fmts = {s.get("format") for s in specs.values() if isinstance(s, dict)} - {None}
+        fmts: set[str] = {s["format"] for s in specs.values() if isinstance(s, dict) and s.get("format") is not None}
         if not fmts:
             fmts = {"tr" if str(s.get("class", "")).startswith("TR") else "tt" for s in specs.values()}
         fmt = fmts.pop() if len(fmts) == 1 else "tt"
@@ -170,7 +177,7 @@ def render_model_card(model, *, report=None, library_name: str, base_model: str 
         metrics=sorted(measured) or None,
         model_name=name if eval_results else None,
         eval_results=eval_results,
-        **({"base_model_relation": "quantized"} if base_model else {}),
+        base_model_relation="quantized" if base_model else None,
         tn_hf={"format": fmt, "layers": len(rows), **values,
                "params_dense": totals.get("model_params_dense"), "params_tn": totals.get("model_params_tn")},
     )
@@ -181,8 +188,9 @@ def render_model_card(model, *, report=None, library_name: str, base_model: str 
                      f"{_fmt_ratio(totals['flops_dense'] / totals['flops_tn'])} |")
     metrics_section = ""
     if measured:
-        on = f" on `{dataset}`" if dataset else ""
-        metrics_section = f"\n## Results{on}\n\n" + "\n".join(f"- {k}: {v:.4g}" for k, v in measured.items()) + "\n"
+        on = f" on `{markdown_text(dataset)}`" if dataset else ""
+        metrics_section = f"\n## Results{on}\n\n" + "\n".join(f"- {markdown_text(k)}: {v:.4g}"
+                                                                 for k, v in measured.items()) + "\n"
     if random_init:
         metrics_section += ("\n> **Random weights.** This checkpoint was compressed from randomly initialised "
                             "weights, not a trained model: it is for trying the format out, not for use.\n")
@@ -193,14 +201,16 @@ def render_model_card(model, *, report=None, library_name: str, base_model: str 
     template = resources.files("tn_hf").joinpath("model_cards", TEMPLATE).read_text(encoding="utf-8")
     body = Template(template).substitute(
         title=f"{name} ({FORMAT_LONG[fmt]}-compressed)", method=METHODS[totals.get("method", "direct")],
-        n_layers=len(rows), base_name=base_model or type(model).__name__, format_long=FORMAT_LONG[fmt],
+        n_layers=len(rows), base_name=markdown_text(base_model or type(model).__name__),
+        format_long=FORMAT_LONG[fmt],
         target_dense=_fmt_int(totals.get("target_params_dense")), target_tn=_fmt_int(totals.get("target_params_tn")),
         target_ratio=_fmt_ratio(totals.get("target_ratio")),
         model_dense=_fmt_int(totals.get("model_params_dense")), model_tn=_fmt_int(totals.get("model_params_tn")),
         model_ratio=_fmt_ratio(totals.get("model_ratio")), flops_row=flops_row, metrics_section=metrics_section,
-        load_snippet=snippet, any_loader=any_loader,
-        layer_table=layer_table, config_summary=cfg_summary or "see config.json")
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+        load_snippet=snippet,
+        any_loader="" if any_loader in snippet else f"or, with tn_hf's own loader: `{any_loader}`.\n",
+        layer_table=layer_table, config_summary=markdown_text(cfg_summary or "see config.json"))
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{CARD_MARKER}\n\n{body}")
     return card, rep
 
 

@@ -1,7 +1,7 @@
 """The ``tn-hf`` command: compress, inspect, push, demo.
 
-User errors (unknown model, bad ratio, missing folder, Hub refusals) end with one line on stderr
-and exit status 2 (1 for network/permission failures), never a traceback.
+User errors (unknown model, bad ratio, missing folder, missing optional extra, Hub refusals) end
+with one line on stderr and exit status 2 (1 for network/permission failures), never a traceback.
 """
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import json
 import sys
 from pathlib import Path
 
+from .extras import MissingExtra
+
 PROG = "tn-hf"
+REPORT_NAME = "tn_hf_report.json"  # written next to every checkpoint with its model card
 
 
 class UserError(Exception):
@@ -58,11 +61,14 @@ def _download(repo_id: str, filenames: list[str]) -> Path:
             raise UserError(f"{repo_id!r} is not a local folder and no Hub repo of that name was found") from None
         except (EntryNotFoundError, RevisionNotFoundError):
             raise UserError(f"Hub repo {repo_id!r} has no {name}") from None
+    if folder is None:
+        raise ValueError(f"_download({repo_id!r}): no file names given")
     return folder
 
 
-def _load_folder(folder: Path):
-    """A model from a local checkpoint folder: tn_hf checkpoint, timm folder or transformers folder."""
+def _load_folder(folder: Path, *, weights: bool = True):
+    """A model from a local checkpoint folder: tn_hf checkpoint, timm folder or transformers folder;
+    ``weights=False``: built from config.json alone (random weights)."""
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{folder} has no config.json (not a timm / transformers / tn_hf checkpoint folder)")
@@ -71,24 +77,34 @@ def _load_folder(folder: Path):
         raise UserError(f"{folder} is already TN-compressed; compress its dense base model instead")
     if "architecture" in cfg:
         import timm
+        if not weights:
+            args = {"num_classes": cfg.get("num_classes"), **(cfg.get("model_args") or {})}
+            return timm.create_model(cfg["architecture"], pretrained=False,
+                                     pretrained_cfg_overlay=cfg.get("pretrained_cfg"), **args)
         return timm.create_model(f"local-dir:{folder}", pretrained=True)
     if "model_type" in cfg:
         import transformers
 
         from .hub import transformers_class
-        return (transformers_class(cfg) or transformers.AutoModel).from_pretrained(str(folder))
+        cls = transformers_class(cfg)
+        if not weights:
+            config = transformers.AutoConfig.from_pretrained(str(folder))
+            return cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+        return (cls or transformers.AutoModel).from_pretrained(str(folder))
     raise UserError(f"{cfg_path} has neither 'architecture' (timm) nor 'model_type' (transformers)")
 
 
-def load_source(source: str, *, random_init: bool = False):
+def load_source(source: str, *, random_init: bool = False, weights: bool = True):
     """SOURCE -> (model, base_model_id or None). timm names load their pretrained weights unless
-    ``random_init``; a failed download is a UserError with the ways out."""
+    ``random_init``; a failed download is a UserError with the ways out. ``weights=False``: nothing
+    but the architecture is fetched (timm names and Hub ids get random weights; a local folder,
+    with nothing to download, loads its own)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return _load_folder(path), None
     import timm
     if timm.is_model(source):
-        if random_init:
+        if random_init or not weights:
             return timm.create_model(source, pretrained=False), None
         try:
             model = timm.create_model(source, pretrained=True)
@@ -104,11 +120,12 @@ def load_source(source: str, *, random_init: bool = False):
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import RepositoryNotFoundError
         try:
-            folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors"]))
+            patterns = ["*.json", "*.safetensors"] if weights else ["*.json"]
+            folder = Path(snapshot_download(source, allow_patterns=patterns))
         except RepositoryNotFoundError:
             raise UserError(f"unknown model {source!r}: not a folder, not a timm model name, "
                             "and no Hub repo of that name") from None
-        return _load_folder(folder), source
+        return _load_folder(folder, weights=weights), source
     hint = timm.list_models(f"*{source}*")[:5]
     raise UserError(f"unknown model {source!r}: not a folder, a timm model name or a Hub id 'org/name'"
                     + (f" (timm models like it: {', '.join(hint)})" if hint else ""))
@@ -117,7 +134,8 @@ def load_source(source: str, *, random_init: bool = False):
 # ----------------------------------------------------------------------------- inspect
 def inspect_checkpoint(target: str):
     """The ``CompressionReport`` of a tn_hf checkpoint (folder or Hub id), from config.json and the
-    safetensors header only (no weights read, no model built)."""
+    safetensors header only (no weights read, no model built), with the errors and FLOPs of the
+    report saved next to it (tn_hf_report.json, the model card's table) when there is one."""
     from .report import CompressionReport
     from .serialization import TNMetadata, read_header
     folder = Path(target).expanduser()
@@ -138,9 +156,32 @@ def inspect_checkpoint(target: str):
     if block is None:
         raise UserError(f"{folder / 'config.json'} has no TN metadata: not a tn_hf checkpoint")
     meta = TNMetadata.from_dict(block, str(folder / "config.json"))
+    # the measured columns (error, FLOPs) come from the report saved with the model card
+    report: Path | None = folder / REPORT_NAME
     if header is None:
         header = read_header(folder / "model.safetensors")
-    return CompressionReport.from_checkpoint(meta.specs, meta.config, header)
+    else:
+        report = _download_optional(target, REPORT_NAME)
+    return CompressionReport.from_checkpoint(meta.specs, meta.config, header, saved=_saved_report(report))
+
+
+def _download_optional(repo_id: str, name: str) -> Path | None:
+    """A file of a Hub repo fetched into the cache, or None if the repo has no such file."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+    try:
+        return Path(hf_hub_download(repo_id, name))
+    except EntryNotFoundError:
+        return None
+
+
+def _saved_report(path: Path | None) -> dict | None:
+    """The report saved next to a checkpoint (``tn_hf_report.json``), or None if absent or unreadable."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def _hub_header(repo_id: str) -> dict:
@@ -163,23 +204,40 @@ def cmd_compress(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a folder")
+    from .plans import Plan
+    if (args.plan is None) == (args.ratio is None):
+        raise UserError("give --ratio (plan now) or --plan FILE (a saved plan), not both")
     try:
-        cfg = TNConfig(format=args.format, compression_ratio=args.ratio, plan_for_speed=not args.no_speed_plan,
-                       allocation=args.allocation, target_modules=args.targets or None,
-                       exclude_modules=args.exclude or None)
-    except ValueError as e:
+        cfg = Plan.load(args.plan) if args.plan else TNConfig(
+            format=args.format, compression_ratio=args.ratio, plan_for_speed=not args.no_speed_plan,
+            allocation=args.allocation, target_modules=args.targets or None, exclude_modules=args.exclude or None)
+    except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
-    print(f"loading {args.source} ...")
-    model, base = load_source(args.source, random_init=args.random_init)
+    # a dry run plans on the architecture: no pretrained weights are downloaded for it
+    random_weights = args.random_init or (args.dry_run and not Path(args.source).expanduser().is_dir())
+    print(f"loading {args.source}" + (" (architecture only, random weights)" if random_weights else "") + " ...")
+    model, base = load_source(args.source, random_init=args.random_init, weights=not args.dry_run)
     model.eval()
     from .convert import compress, preview
+    from .targeting import plan, tune
+    if not isinstance(cfg, Plan):
+        print("tuning: timing each layer's forms on this machine ..." if args.tune else "planning ...")
+        try:
+            cfg = tune(model, cfg) if args.tune else plan(model, cfg)
+        except ValueError as e:
+            raise UserError(f"plan {args.source}: {e}") from None
+    if args.save_plan:
+        print(f"plan saved to {cfg.save(args.save_plan)}")
     try:
         report = preview(model, cfg) if args.dry_run else compress(model, cfg)
     except ValueError as e:
         raise UserError(f"compress {args.source}: {e}") from None
     print(report)
     if args.dry_run:
-        print("dry run: nothing decomposed or written")
+        note = "; planned on the architecture with random weights (no weights downloaded)" if random_weights else ""
+        if random_weights and args.allocation == "global":
+            note += ": the global allocation follows the weights' spectra, so the real weights may get other ranks"
+        print(f"dry run: nothing decomposed or written{note}")
         return 0
     from .hub import save_pretrained
     save_pretrained(model, out, report=report, base_model=base, random_init=args.random_init)
@@ -232,7 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", metavar="SOURCE", help="timm model name, checkpoint folder, or Hub id")
     c.add_argument("--format", choices=("tt", "tr", "tucker"), default="tt",
                    help="tensor-network format (default tt)")
-    c.add_argument("--ratio", type=_ratio, required=True, help="compression ratio of the target layers (> 1)")
+    c.add_argument("--ratio", type=_ratio, help="compression ratio of the target layers (> 1)")
+    c.add_argument("--plan", metavar="FILE", help="a saved plan (JSON, from --save-plan or tn_hf.plan/tune(...).save)"
+                                                  " instead of --ratio and the planning options")
+    c.add_argument("--save-plan", metavar="FILE", help="write the plan used as JSON (reuse it with --plan)")
+    c.add_argument("--tune", action="store_true",
+                   help="time each layer's candidate forms on this machine (tn_hf.tune) instead of the "
+                        "deterministic cost model; save the result with --save-plan to reuse it elsewhere")
     c.add_argument("--targets", nargs="+", help="module names or regexes to compress (default: all eligible)")
     c.add_argument("--exclude", nargs="+", help="module names or regexes to leave dense")
     c.add_argument("--random-init", action="store_true",
@@ -240,20 +304,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(for trying things out; the model card says so)")
     c.add_argument("--pretrained", action="store_true", help=argparse.SUPPRESS)  # the default now
     c.add_argument("--no-speed-plan", action="store_true",
-                   help="choose ranks by size alone (deterministic); by default each layer's forms are timed "
-                        "on this machine and layers not faster as TN stay dense")
+                   help="choose ranks by size alone; by default the reference cost model (from the layers' "
+                        "shapes, the same on every machine) picks each layer's form and keeps dense the layers "
+                        "it estimates not faster as TN")
     c.add_argument("--allocation", choices=ALLOCATIONS, default="global",
                    help="how the ratio's parameter budget is spread over the layers: global (by weight spectra, "
                         "FLOPs cut by the ratio too unless --no-speed-plan), "
-                        "uniform (every layer at the ratio) or time (where it saves the most measured time)")
+                        "uniform (every layer at the ratio) or time (where it saves the most estimated time)")
     c.add_argument("--dry-run", action="store_true",
-                   help="print the per-layer plan (params, FLOPs, ranks) without decomposing or writing")
+                   help="print the per-layer plan (params, FLOPs, ranks) without decomposing or writing; timm "
+                        "names and Hub ids are planned on their architecture (no weights downloaded)")
     c.add_argument("--out", help="output folder (only the checkpoint's files are written into it)")
     c.set_defaults(func=cmd_compress)
 
     i = sub.add_parser("inspect", help="per-layer table of a tn_hf checkpoint (folder or Hub id)",
                        description="Print per-layer TN params, ranks and totals from config.json and the "
-                                   "safetensors header, without building the model.")
+                                   "safetensors header, without building the model; errors and FLOPs "
+                                   "from the tn_hf_report.json saved with it.")
     i.add_argument("target", metavar="DIR_OR_REPO")
     i.set_defaults(func=cmd_inspect)
 
@@ -280,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (UserError, ValueError, FileNotFoundError) as e:
+    except (UserError, ValueError, FileNotFoundError, MissingExtra) as e:
         print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
         return 2
     except (PermissionError, ConnectionError) as e:

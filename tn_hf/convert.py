@@ -12,7 +12,8 @@ register callbacks in ``MODEL_HOOKS`` instead of being imported here: dependenci
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, TypeVar, cast
 
 import torch
 from torch import nn
@@ -20,12 +21,12 @@ from tqdm.auto import tqdm
 
 from .decompositions import ranks_for_ratio
 from .layers import is_unsupported_subclass, layer_from_spec, registry
-from .layers.base import TNLayer
+from .layers.base import TNLayer, keep_rng
 from .cost import kept_dense_row
 from .layers.tucker import tie_shared_cores
 from .report import CompressionReport, flops, layer_row, n_stored, probe, rel_error
 from .serialization import CheckpointError, check_specs
-from .targeting import FORM_KEYS, as_config, is_transformers, leaf_specs, plan
+from .targeting import FORM_KEYS, is_transformers, leaf_specs, resolve
 
 # "specs_changed": called with the model after compress / apply_specs; "decompressed": after decompress.
 # Tucker's shared core (SCADA) is tied here: a no-op for models without one.
@@ -80,28 +81,88 @@ def _subclass_hint(model) -> str:
             "standardization) and are not compressed") if subs else ""
 
 
+_MODEL_ATTRS = ("tn_hf_specs", "tn_hf_config", "tn_hf_report")
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _all_or_nothing(fn: _F) -> _F:
+    """Run ``fn(model, ...)``; on any failure (an exception, Ctrl-C) put back every submodule it swapped
+    and the model's tn_hf attributes, so the model is as it was, then re-raise."""
+    @functools.wraps(fn)
+    def wrapper(model: nn.Module, *args, **kwargs):
+        children = [(m, dict(m._modules)) for m in model.modules()]
+        attrs = {a: model.__dict__[a] for a in _MODEL_ATTRS if a in model.__dict__}
+        try:
+            return fn(model, *args, **kwargs)
+        except BaseException:
+            specs_before = attrs.get("tn_hf_specs")
+            synced = model.__dict__.get("tn_hf_specs") is not specs_before  # the hooks may have run
+            for m, kids in children:
+                m._modules.clear()
+                m._modules.update(kids)
+            for a in _MODEL_ATTRS:
+                model.__dict__.pop(a, None)
+            model.__dict__.update(attrs)
+            if synced and specs_before:
+                _run_hooks("specs_changed", model)
+            elif synced:
+                _run_hooks("decompressed", model)
+            raise
+    return cast(_F, wrapper)
+
+
+def _keeping_rng(fn):
+    """``fn(model, ...)`` with the caller's random streams saved and restored (``layers.base.keep_rng``)."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kw):
+        with keep_rng(model):
+            return fn(model, *args, **kw)
+    return wrapper
+
+
+def _stage_bar(stage: str, progress: bool) -> tqdm:
+    """A progress bar shown from the start of ``compress``: the stage's name and the time spent in it
+    until the per-layer count begins."""
+    return tqdm(total=None, desc=f"tn_hf compress: {stage}", disable=not progress, unit="layer",
+                bar_format="{desc} ({elapsed})")
+
+
+@_all_or_nothing
+@_keeping_rng
 def compress(model: nn.Module, config, *, progress: bool = True, method: str = "direct") -> CompressionReport:
     """Swap the planned targets of ``model`` in place for TN layers decomposed from their weights.
 
     Args:
         model: any ``nn.Module`` (timm, transformers, plain torch); changed in place.
-        config: a ``TNConfig`` (or its dict).
+        config: a ``Plan`` (``tn_hf.plan`` / ``tn_hf.tune``, or ``Plan.load``), or a ``TNConfig`` (or
+            its dict), planned first with ``tn_hf.plan``: the same modules and ranks everywhere.
         progress: show a progress bar.
         method: how the weights were prepared, for the report and the model card: "direct"
             (plain decomposition) or "admm" (``ADMMScheduler.compress`` passes it).
     Returns:
         the ``CompressionReport`` (also kept as ``model.tn_hf_report`` for the model card).
+
+    All or nothing: if any target fails (or the call is interrupted), every module swapped so far
+    is put back and the model is as it was before the call.
     """
-    config = as_config(config)
-    targets = plan(model, config)
-    kept = targets.kept_dense  # {name: reason}: left dense by the speed planner (tn_hf.cost)
+    bar = _stage_bar("planning", progress)  # from the start: says what runs before the first layer is done
+    the_plan, targets = resolve(model, config)
+    config, kept = the_plan.config, the_plan.kept_dense  # kept: {name: reason}, left dense by the planner
     if not targets and not kept:
+        bar.close()
         raise ValueError(f"compress: no module of {type(model).__name__} is a target for {config} "
                          "(all too small, skipped by default, or excluded)" + _subclass_hint(model))
+    bar.set_description_str("tn_hf compress: probing input shapes")
     probed = probe(model, [t.name for t in targets] + list(kept))
     specs = dict(getattr(model, "tn_hf_specs", None) or {})
     rows = []
-    for t in tqdm(targets, desc="tn_hf compress", disable=not progress):
+    bar.bar_format = None
+    bar.set_description_str("tn_hf compress: decomposing", refresh=False)
+    bar.reset(total=len(targets))
+    for t in targets:
+        bar.set_postfix_str(t.name, refresh=False)
         dense = {k: v.detach().clone() for k, v in t.cls.dense_weights(t.module).items()}
         try:
             layer = _decompose(t, config)
@@ -116,13 +177,15 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
         if note:
             row["note"] = note
         rows.append(row)
+        bar.update(1)
+    bar.close()
     rows += [kept_dense_row(model, name, why, probed.get(name)) for name, why in kept.items()]
-    model.tn_hf_specs = specs
-    model.tn_hf_config = config.to_dict()
+    setattr(model, "tn_hf_specs", specs)  # plain attributes (nn.Module.__setattr__ is typed for tensors/modules)
+    setattr(model, "tn_hf_config", config.to_dict())
     _run_hooks("specs_changed", model)
     report = CompressionReport.build(rows, model_params_tn=n_stored(model), requested_ratio=config.compression_ratio,
                                      flops_per="sample" if probed else "position", method=method)
-    model.tn_hf_report = report  # used by save_pretrained's model card
+    setattr(model, "tn_hf_report", report)  # used by save_pretrained's model card
     return report
 
 
@@ -131,12 +194,11 @@ def preview(model: nn.Module, config) -> CompressionReport:
 
     Layers are built on the meta device from the planned specs; recurrent layers planned at a ratio
     get the ranks ``from_dense`` would pick."""
-    config = as_config(config)
+    the_plan, targets = resolve(model, config)
+    config, kept = the_plan.config, the_plan.kept_dense
     if config.rel_error is not None:
         raise ValueError("preview: TNConfig(rel_error=...) fixes the ranks only when decomposing; "
                          "use ranks= or compression_ratio=")
-    targets = plan(model, config)
-    kept = targets.kept_dense  # {name: reason}: left dense by the speed planner (tn_hf.cost)
     probed = probe(model, [t.name for t in targets] + list(kept))
     rows = []
     for t in targets:
@@ -179,17 +241,17 @@ def apply_specs(model: nn.Module, specs: dict[str, dict], *, where: str = "check
             layer = layer.to(dtype=dtype)
         layer.train(old.training)
         model.set_submodule(name, layer)
-    model.tn_hf_specs = dict(specs)
+    setattr(model, "tn_hf_specs", dict(specs))
     _run_hooks("specs_changed", model)
     return model
 
 
 def decompress(model: nn.Module) -> nn.Module:
     """Replace every TN layer by its plain torch module (rebuilt weights); drops the TN metadata."""
-    names = [n for n, m in model.named_modules() if isinstance(m, TNLayer)]
-    top = [n for n in names if not any(n.startswith(o + ".") for o in names if o != n)]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, TNLayer)}
+    top = [n for n in layers if not any(n.startswith(o + ".") for o in layers if o != n)]
     for name in top:
-        layer = model.get_submodule(name)
+        layer = layers[name]
         with torch.no_grad():
             dense = layer.to_dense()
         dense.train(layer.training)

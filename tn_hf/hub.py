@@ -74,7 +74,10 @@ def save_pretrained(model: nn.Module, save_directory, *, model_args: dict | None
 
     def render(tmp: Path) -> None:
         if kind == "transformers":
+            from transformers import PreTrainedModel
+
             from .integrations.transformers import attach_quantization_config
+            assert isinstance(model, PreTrainedModel)  # _kind checked it
             attach_quantization_config(model)
             model.save_pretrained(tmp)
             library = "transformers"
@@ -104,7 +107,7 @@ def _mixin_init_args(model) -> dict:
     other models); they go to the top level of config.json, where the mixin's from_pretrained reads them.
     tn_hf's own keys are left out (a model the mixin loaded may have recorded the whole config.json)."""
     args = getattr(model, "_hub_mixin_config", None)
-    if dataclasses.is_dataclass(args):
+    if dataclasses.is_dataclass(args) and not isinstance(args, type):
         args = dataclasses.asdict(args)
     if not isinstance(args, dict):
         return {}
@@ -120,7 +123,7 @@ _TORCH_KEYS = ("tn_hf", "model_args", "model_class")
 
 
 # ----------------------------------------------------------------------------- resolve
-_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+_REPO_ID = re.compile(r"(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}\Z", re.ASCII)
 
 
 def is_repo_id(text: str) -> bool:
@@ -235,8 +238,9 @@ def _load_transformers(local: Path, cfg: dict, model_class, kwargs) -> nn.Module
     return model_class.from_pretrained(str(local), **kwargs)
 
 
-def _import_class(target, where) -> type:
-    """'pkg.module:Class[.Inner]' -> the class: one import, then attributes of classes only."""
+def _import_class(target, where) -> object:
+    """'pkg.module:Class[.Inner]' -> the class: one import, then attributes of classes only (the
+    caller checks that what it names is an nn.Module subclass)."""
     if not isinstance(target, str) or target.count(":") != 1:
         raise S.CheckpointError(f"{where}: model_class {target!r} must be 'package.module:Class'")
     mod_name, qual = target.split(":")
@@ -284,7 +288,7 @@ def load_into(model: nn.Module, meta: S.TNMetadata, weights, header: dict | None
     replace) and load ``weights`` strictly (checked against the header before the layers are allocated);
     returns the model in eval mode."""
     apply_specs(model, meta.specs, where=str(where))
-    model.tn_hf_config = meta.config
+    setattr(model, "tn_hf_config", meta.config)
     S.load_weights(model, weights, header)
     model.eval()
     return model

@@ -16,7 +16,9 @@ per token/position for Linear and recurrent layers and unknown (None) for convs.
 """
 from __future__ import annotations
 
+import html
 import math
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -28,6 +30,17 @@ from .layers.base import n_params
 
 COLUMNS = ("name", "type", "tn_type", "dense_params", "tn_params", "ratio", "ranks", "rel_error",
            "flops_dense", "flops_tn")
+# the rendered table's headers: one per column, then the footnote marks
+HEADERS = ("layer", "type", "TN type", "params", "TN params", "ratio", "ranks", "error", "FLOPs", "TN FLOPs", "notes")
+LINE_WIDTH = 120  # the terminal table's width, where the layer names allow
+
+
+def _si(v: float) -> str:
+    """A count with an SI suffix and 3 significant digits: 1.81G, 116M, 950."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return f"{v:.3g}"
 
 
 def n_stored(model: nn.Module) -> int:
@@ -92,18 +105,22 @@ class CompressionReport:
                          requested_ratio=cfg.get("compression_ratio"))
 
     @classmethod
-    def from_checkpoint(cls, specs: dict, config: dict | None, header: dict) -> "CompressionReport":
+    def from_checkpoint(cls, specs: dict, config: dict | None, header: dict,
+                        saved: dict | None = None) -> "CompressionReport":
         """Rows from the specs (empty layers on the meta device) and sizes from the safetensors header.
 
-        Model totals count every stored tensor (parameters and buffers)."""
+        Model totals count every stored tensor (parameters and buffers). ``saved``: the report written
+        with the checkpoint (tn_hf_report.json, as in the model card); when its rows match the specs'
+        sizes, its measured columns (error, FLOPs, notes) and its layers kept dense are added."""
         rows = []
         for name, spec in specs.items():
             with torch.device("meta"):
                 layer = layer_from_spec(spec)
             rows.append(layer_row(name, layer, spec))
+        rows, flops_per = _with_saved(rows, saved)
         stored = sum(math.prod(shape) for _, shape in header.values())
         return cls.build(rows, model_params_tn=stored, requested_ratio=(config or {}).get("compression_ratio"),
-                         format=(config or {}).get("format"))
+                         flops_per=flops_per, format=(config or {}).get("format"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"rows": [dict(r) for r in self.rows], "totals": dict(self.totals)}
@@ -119,6 +136,8 @@ class CompressionReport:
             return "-"
         if col == "ratio" or col.endswith("_ratio"):
             return f"{v:.2f}x"
+        if col.startswith("flops") and isinstance(v, (int, float)) and not isinstance(v, bool):
+            return _si(v)
         if isinstance(v, float):
             return f"{v:.3g}"
         if isinstance(v, int) and not isinstance(v, bool):
@@ -134,43 +153,122 @@ class CompressionReport:
         asked = t.get("requested_ratio")
         label = "TOTAL (model)" + (f", asked {asked:g}x over targets" if asked else "")
         return [label, "", "", self.fmt(t.get("model_params_dense")), self.fmt(t.get("model_params_tn")),
-                self.fmt(t.get("model_ratio"), "ratio"), "", "", self.fmt(t.get("flops_dense")),
-                self.fmt(t.get("flops_tn"))]
+                self.fmt(t.get("model_ratio"), "ratio"), "", "", self.fmt(t.get("flops_dense"), "flops_dense"),
+                self.fmt(t.get("flops_tn"), "flops_tn"), ""]
+
+    def footnotes(self) -> tuple[list[str], list[str]]:
+        """(each row's footnote marks, e.g. ``"[1]"`` or ``""``; the footnote texts, numbered from 1).
+        A layer kept dense points at its reason, a layer with a note at the note; a text that several
+        layers share is one footnote."""
+        texts: list[str] = []
+        marks = []
+        for r in self.rows:
+            ids = []
+            for text in (f"kept dense: {r['kept_dense']}" if r.get("kept_dense") else None, r.get("note")):
+                if text:
+                    if text not in texts:
+                        texts.append(text)
+                    ids.append(str(texts.index(text) + 1))
+            marks.append(f"[{','.join(ids)}]" if ids else "")
+        return marks, texts
 
     def table(self) -> list[list[str]]:
-        """Header, one row per layer, the targets' total and the model's total (strings)."""
+        """Header (``HEADERS``), one row per layer, the targets' total and the model's total (strings);
+        the last column holds the footnote marks (a layer kept dense shows "dense" as its TN type)."""
         t = self.totals
-        rows = [list(COLUMNS)] + [[self.fmt(r.get(c), c) for c in COLUMNS] for r in self.rows]
+        marks, _ = self.footnotes()
+        rows = [list(HEADERS)]
+        for r, mark in zip(self.rows, marks):
+            cells = [self.fmt(r.get(c), c) for c in COLUMNS]
+            if r.get("kept_dense"):
+                cells[2] = "dense"
+            rows.append(cells + [mark])
         rows.append(["TOTAL (compressed layers)", "", "", self.fmt(t.get("target_params_dense")),
                      self.fmt(t.get("target_params_tn")), self.fmt(t.get("target_ratio"), "ratio"),
-                     "", "", "", ""])
+                     "", "", "", "", ""])
         rows.append(self._total_row())
         return rows
 
     def notes(self) -> list[str]:
-        return [f"{r['name']}: {r['note']}" for r in self.rows if r.get("note")]
+        """The footnotes, ``"[1] text"``, each once."""
+        return [f"[{i}] {text}" for i, text in enumerate(self.footnotes()[1], 1)]
 
     def to_markdown(self) -> str:
+        """The table and notes as Markdown; their text (module names, notes) is escaped
+        (``markdown_text``), so a name like ``<script>`` stays text where the card is shown."""
         table = self.table()
         lines = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
         for i, row in enumerate(table[1:]):
-            cells = [c.replace("|", "/") for c in row]
+            cells = [markdown_text(c).replace("|", "/") for c in row]
             if i < len(self.rows):
                 cells[0] = f"`{cells[0]}`"
             lines.append("| " + " | ".join(cells) + " |")
-        return "\n".join(lines + [f"\n- {n}" for n in self.notes()])
+        return "\n".join(lines + [f"\n- {markdown_text(n)}" for n in self.notes()])
 
     def __str__(self) -> str:
+        """The table for a terminal, at most ``LINE_WIDTH`` characters wide where the names allow:
+        the totals' labels run over the empty type columns, and when the names make the lines too
+        long each name gets a line of its own above its values. Footnotes follow the table."""
         table = self.table()
-        widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
-        lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                 for row in table]
-        rule = "-" * len(lines[0])
-        lines.insert(1, rule)
-        lines.insert(len(lines) - 2, rule)
-        return "\n".join(lines + self.notes())
+        n = len(self.rows)
+        widths = [max(len(row[i]) for row in table) for i in range(len(HEADERS))]
+        left = (0, 1, 2, len(HEADERS) - 1)  # text columns; the numbers are right-aligned
+
+        def rest(row: list[str]) -> str:  # every column but the name
+            return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths)) if i)
+
+        span = widths[1] + widths[2] + 4  # the totals' labels run over the type columns, empty in them
+        name_w = max([len(row[0]) for row in table[:n + 1]] + [len(row[0]) - span for row in table[n + 1:]])
+        one_line = name_w + 2 + len(rest(table[0])) <= LINE_WIDTH
+        lines = []
+        for i, row in enumerate(table):
+            if one_line and i <= n:
+                lines.append(f"{row[0].ljust(name_w)}  {rest(row)}".rstrip())
+            elif one_line:
+                lines.append(f"{row[0].ljust(name_w + 2 + span)}{rest(row)[span:]}".rstrip())
+            else:
+                lines += [row[0], f"    {rest(row)}".rstrip()]
+            if i in (0, n):
+                lines.append("-" * min(LINE_WIDTH, max(len(line) for line in lines)))
+        wrap = textwrap.TextWrapper(width=LINE_WIDTH, subsequent_indent="    ", break_on_hyphens=False)
+        return "\n".join(lines + [w for note in self.notes() for w in wrap.wrap(note)])
 
     __repr__ = __str__
+
+
+def _number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _with_saved(rows: list[dict], saved: dict | None) -> tuple[list[dict], str | None]:
+    """``rows`` (from a checkpoint's specs) with the measured columns of the saved report's rows of
+    the same names, plus its rows of layers kept dense, and its FLOPs unit; ``rows`` unchanged when
+    the saved report is not this checkpoint's (a layer missing or of another size)."""
+    old = {r.get("name"): r for r in (saved or {}).get("rows") or [] if isinstance(r, dict)}
+    if not old or any(old.get(r["name"], {}).get("tn_params") != r["tn_params"] for r in rows):
+        return rows, None
+    out = []
+    for r in rows:
+        prev = old[r["name"]]
+        measured = {k: prev[k] for k in ("rel_error", "flops_dense", "flops_tn") if k in prev and _number(prev[k])}
+        if isinstance(prev.get("note"), str):
+            measured["note"] = prev["note"]
+        out.append({**r, **measured})
+    names = {r["name"] for r in rows}
+    for r in old.values():
+        n = r.get("dense_params")
+        if (r.get("kept_dense") and isinstance(r.get("name"), str) and r["name"] not in names and isinstance(n, int)
+                and r.get("tn_params") == n and all(_number(r.get(c)) for c in ("ratio", "flops_dense", "flops_tn"))):
+            out.append({**{c: r.get(c) for c in COLUMNS}, "ranks": None, "kept_dense": str(r["kept_dense"])})
+    per = ((saved or {}).get("totals") or {}).get("flops_per")
+    return out, per if isinstance(per, str) else None
+
+
+def markdown_text(text: str) -> str:
+    """``text`` safe to place in a Markdown body: HTML special characters escaped, no backticks
+    (which would end a code span)."""
+    return html.escape(str(text), quote=False).replace("`", "'")
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -206,7 +304,7 @@ def probe(model, names: list[str]) -> dict[str, Probed]:
     x = _default_input(model)
     if x is None:
         return {}
-    out: dict[str, tuple[tuple, int]] = {}
+    out: dict[str, Probed] = {}
     hooks = []
     for name in names:
         def hook(m, inp, o, name=name):

@@ -7,13 +7,24 @@ Metadata
     On load an unknown key is a warning and a newer ``format_version`` a clear error.
 
 Writes (``write_checkpoint``)
-    Files are rendered into a staging folder *inside* the target folder (same file system), each
-    flushed and fsynced; then a journal ``.tn_hf-commit.json`` naming them is written atomically;
-    then each file is moved into place with ``os.replace`` (weights first, ``config.json`` last)
-    and the journal removed. Nothing else in the folder is touched, and the folder keeps its mode.
-    A crash before the journal exists leaves the old checkpoint (the staging folder is removed by
-    the next save or load); a crash after it is rolled forward by ``recover`` (every tn_hf loader
-    and the next save call it) to the new checkpoint.
+    Files are rendered into a staging folder of this writer's own *inside* the target folder (same
+    file system), each flushed and fsynced; then, holding the folder's lock, a journal
+    ``.tn_hf-commit.json`` naming them is written atomically; then each file is moved into place
+    with ``os.replace`` (weights first, ``config.json`` last) and the journal removed. Nothing else
+    in the folder is touched, and the folder keeps its mode. A crash before the journal exists
+    leaves the old checkpoint (the staging folder is removed by the next save or load); a crash
+    after it is rolled forward by ``recover`` (every tn_hf loader and the next save call it) to
+    the new checkpoint.
+
+Concurrency and links
+    The lock is an advisory ``flock`` on the folder itself (no lock file). A writer creates its
+    staging folder with a marker file inside (``.tn_hf-writer``) and holds a lock on it from
+    creating it to its commit: ``recover`` removes only staging folders that are real folders with
+    that marker and whose lock it can take (their writer is gone), so a load never breaks a live save,
+    and a save that returns has moved all its files. ``recover`` follows no link: a journal,
+    staging folder or staged file that is a link (or not what a writer creates) is a
+    ``CheckpointError``, and nothing is moved, so a cloned repo cannot make a load move files
+    from outside its folder.
 
 Loads (``read_header``, ``check_specs``, ``check_against_header``)
     Specs are checked as data (types, known classes) and against the module each one replaces
@@ -24,15 +35,22 @@ Loads (``read_header``, ``check_specs``, ``check_against_header``)
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no advisory locks, writers still stage apart
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -46,6 +64,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 JOURNAL = ".tn_hf-commit.json"
 STAGING_PREFIX = ".tn_hf-staging-"
+STAGING_MARKER = ".tn_hf-writer"  # the file a writer creates first in its staging folder
 FORMAT_VERSION = 1
 
 
@@ -238,16 +257,20 @@ def check_against_header(model: nn.Module, header: dict, path, *, skip: tuple[st
 def check_cores_against_header(model: nn.Module, header: dict, path) -> None:
     """The TN cores the specs build against the cores in the file, as a multiset of shapes and dtypes
     (for loaders that rename keys themselves, like transformers' checkpoint conversions)."""
-    want = sorted(tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items() if _CORE.search(k))
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if _CORE.search(k)}
+    want = sorted(tuple(v.shape) for v in state.values())
     have = sorted(shape for k, (_, shape) in header.items() if _CORE.search(k))
     bad_dtype = sorted(k for k, (dtype, _) in header.items() if _CORE.search(k) and dtype not in _FLOAT_DTYPES)
     if want != have or bad_dtype:
         extra = sorted(set(have) - set(want))[:5]
         lack = sorted(set(want) - set(have))[:5]
+        keys_extra = sorted(k for k in header if _CORE.search(k) and k not in state)[:10]
+        keys_lack = sorted(k for k in state if k not in header)[:10]
         raise CheckpointError(f"weights file {path} does not match the TN specs in config.json (shape mismatch): "
                               f"{len(have)} cores in the file, {len(want)} from the specs; shapes only in the "
-                              f"file {extra}, only in the specs {lack}" + (f"; non-float cores {bad_dtype[:5]}"
-                                                                          if bad_dtype else ""))
+                              f"file {extra}, only in the specs {lack}; core keys only in the file (unexpected) "
+                              f"{keys_extra}, only in the specs (missing) {keys_lack}"
+                              + (f"; non-float cores {bad_dtype[:5]}" if bad_dtype else ""))
 
 
 def warn_non_finite(state: dict[str, torch.Tensor], path) -> None:
@@ -285,11 +308,88 @@ def _commit_order(names) -> list[str]:
     return sorted(names, key=lambda n: (n == CONFIG_NAME, n))
 
 
-def _finish(folder: Path, journal: dict) -> None:
+def is_regular_file(path: Path) -> bool:
+    """A regular file, not a link (``Path.is_file`` follows links)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _flock(fd: int, wait: bool) -> bool:
+    """Lock ``fd`` exclusively; False when ``wait`` is off and another open file holds the lock. A file
+    system without locks (some network ones) proceeds unlocked, as a platform without ``fcntl`` does."""
+    if fcntl is None:  # pragma: no cover
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as e:  # pragma: no cover - ENOLCK / EOPNOTSUPP
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            raise
+    return True
+
+
+def _open_dir(path: Path, follow: bool) -> int:
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | (0 if follow else os.O_NOFOLLOW))
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """Hold the checkpoint folder's lock (commits and recovery run one at a time)."""
+    fd = _open_dir(folder, follow=True)
+    try:
+        _flock(fd, wait=True)
+        yield
+    finally:
+        os.close(fd)
+
+
+_STAGING = re.compile(re.escape(STAGING_PREFIX) + r"[0-9a-f]{1,32}\Z")
+_FILE = re.compile(r"[A-Za-z0-9_][\w.-]{0,254}\Z")
+
+
+def _journal_error(jpath: Path, why: str) -> CheckpointError:
+    return CheckpointError(f"{jpath} is not a tn_hf save journal ({why}); nothing was moved: remove it by hand "
+                           "if you know where it came from")
+
+
+def _read_journal(folder: Path) -> dict | None:
+    """The journal of a committed save, checked: names of this writer's form, a real staging folder, regular
+    staged files (links are followed nowhere); None if there is none."""
+    jpath = folder / JOURNAL
+    if not os.path.lexists(jpath):
+        return None
+    if not is_regular_file(jpath):
+        raise _journal_error(jpath, "not a regular file")
+    try:
+        journal = json.loads(jpath.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise _journal_error(jpath, f"unreadable: {type(e).__name__}") from None
+    if not (isinstance(journal, dict) and isinstance(journal.get("staging"), str)
+            and _STAGING.match(journal["staging"]) and isinstance(journal.get("files"), list)
+            and all(isinstance(n, str) and _FILE.match(n) for n in journal["files"])):
+        raise _journal_error(jpath, "unexpected content")
+    staging = folder / journal["staging"]
+    if os.path.lexists(staging):
+        if not stat.S_ISDIR(os.lstat(staging).st_mode):
+            raise _journal_error(jpath, f"{staging.name} is a link or not a folder")
+        if not is_regular_file(staging / STAGING_MARKER):
+            raise _journal_error(jpath, f"{staging.name} was not created by tn_hf's writer (no {STAGING_MARKER})")
+        odd = [n for n in journal["files"] if os.path.lexists(staging / n) and not is_regular_file(staging / n)]
+        if odd:
+            raise _journal_error(jpath, f"staged {odd[:5]} are links or not regular files")
+    return journal
+
+
+def _finish(folder: Path, journal: dict, own: bool = False) -> None:
+    """Move the journal's staged files into place (a recovered journal skips files already moved;
+    the writer's own must all be there), then drop the journal and the staging folder."""
     staging = folder / journal["staging"]
     for name in _commit_order(journal["files"]):
         src = staging / name
-        if src.exists():
+        if own or os.path.lexists(src):
             os.replace(src, folder / name)
     _fsync_dir(folder)
     with contextlib.suppress(FileNotFoundError):
@@ -298,55 +398,89 @@ def _finish(folder: Path, journal: dict) -> None:
     _fsync_dir(folder)
 
 
-def recover(folder) -> None:
-    """Finish a save that was interrupted after its commit point; remove stale staging folders."""
-    folder = Path(folder)
-    jpath = folder / JOURNAL
-    if jpath.is_file():
-        try:
-            journal = json.loads(jpath.read_text(encoding="utf-8"))
-            ok = (isinstance(journal, dict) and isinstance(journal.get("staging"), str)
-                  and journal["staging"].startswith(STAGING_PREFIX) and "/" not in journal["staging"]
-                  and isinstance(journal.get("files"), list)
-                  and all(isinstance(n, str) and n and "/" not in n and not n.startswith(".")
-                          for n in journal["files"]))
-        except (OSError, json.JSONDecodeError):
-            ok = False
-        if not ok:
-            raise CheckpointError(f"{jpath} is not a tn_hf save journal; remove it by hand if you know "
-                                  "where it came from")
+def _leftovers(folder: Path) -> bool:
+    """Whether ``folder`` holds anything of an unfinished save (a journal, staging or temp journal)."""
+    try:
+        with os.scandir(folder) as it:
+            return any(e.name.startswith((JOURNAL, STAGING_PREFIX)) for e in it)
+    except OSError:
+        return False
+
+
+def _recover_locked(folder: Path) -> None:
+    """``recover``'s work; the caller holds the folder's lock."""
+    journal = _read_journal(folder)
+    if journal is not None:
         try:
             _finish(folder, journal)
         except PermissionError as e:
             raise CheckpointError(f"{folder}: a save was interrupted and can't be completed here "
                                   f"(read-only?): {e}") from e
-    if folder.is_dir():  # what a save killed before its commit point left behind
-        for p in folder.iterdir():
-            if p.name.startswith(STAGING_PREFIX) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            elif p.name.startswith(JOURNAL + ".") and p.is_file():
-                p.unlink(missing_ok=True)
+    with os.scandir(folder) as it:
+        entries = [(e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False)) for e in it]
+    for name, is_dir, is_file in entries:  # what a writer killed before its commit point left behind
+        if name.startswith(STAGING_PREFIX) and is_dir and not is_regular_file(folder / name / STAGING_MARKER):
+            with contextlib.suppress(OSError):  # not a writer's (kept), unless empty: killed before its marker
+                os.rmdir(folder / name)
+        elif name.startswith(STAGING_PREFIX) and is_dir:
+            with contextlib.suppress(OSError):
+                fd = _open_dir(folder / name, follow=False)
+                try:
+                    if _flock(fd, wait=False):  # its writer is gone (a live one holds this lock)
+                        shutil.rmtree(folder / name, ignore_errors=True)
+                finally:
+                    os.close(fd)
+        elif name.startswith(JOURNAL + ".") and is_file:
+            with contextlib.suppress(OSError):
+                os.unlink(folder / name)
+
+
+def recover(folder) -> None:
+    """Finish a save that was interrupted after its commit point; remove staging folders their writers
+    left (never a live writer's). A folder without leftovers is not touched (nor locked)."""
+    folder = Path(folder)
+    if not folder.is_dir() or not _leftovers(folder):
+        return
+    with _folder_lock(folder):
+        _recover_locked(folder)
 
 
 _CHECKPOINT_KEYS = ("tn_hf", "quantization_config", "architecture", "architectures", "model_type")
 
 
+# the line tn_hf's model cards carry (cards.py writes it): only a README.md with it is replaced on save
+CARD_MARKER = "<!-- tn_hf model card: written by tn_hf.save_pretrained, replaced when the model is saved again -->"
+
+
+def is_generated_card(path: Path) -> bool:
+    """Whether ``path`` is a model card tn_hf wrote (a regular file with ``CARD_MARKER`` on a line of its own)."""
+    if not is_regular_file(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return any(line.rstrip("\r\n") == CARD_MARKER for line in f)
+
+
 def _spare_user_files(folder: Path, staging: Path) -> None:
-    """A README.md that is not a tn_hf model card stays (the new card is dropped, with a warning);
-    a config.json that is not a model checkpoint's is never replaced (an error, nothing written)."""
+    """A README.md that tn_hf did not write stays (the new card is dropped, with a warning); a
+    config.json that is not a model checkpoint's is never replaced (an error, nothing written)."""
     readme, config = folder / "README.md", folder / CONFIG_NAME
-    if (staging / "README.md").exists() and readme.is_file() and "tn_hf" not in readme.read_text(errors="replace"):
+    if (staging / "README.md").exists() and os.path.lexists(readme) and not is_generated_card(readme):
         os.remove(staging / "README.md")
-        warnings.warn(f"save_pretrained: kept your {readme} (not a tn_hf model card); the model card was not "
+        warnings.warn(f"save_pretrained: kept your {readme} (not a model card tn_hf wrote); the model card was not "
                       "written", stacklevel=4)
     if (staging / CONFIG_NAME).exists() and config.is_file():
         try:
             old = json.loads(config.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):
             old = None
         if not (isinstance(old, dict) and any(k in old for k in _CHECKPOINT_KEYS)):
             raise FileExistsError(f"save_pretrained: {config} exists and is not a model checkpoint's config; "
                                   "it is not replaced: save into another folder")
+
+
+def _staged(staging: Path) -> list[str]:
+    """The names of the files ``render`` wrote into ``staging`` (the writer's marker left out)."""
+    return sorted(p.name for p in staging.iterdir() if p.name != STAGING_MARKER)
 
 
 def write_checkpoint(folder, render: Callable[[Path], None]) -> list[str]:
@@ -358,34 +492,45 @@ def write_checkpoint(folder, render: Callable[[Path], None]) -> list[str]:
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"save_pretrained: {folder} exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
-    recover(folder)
-    staging = folder / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
-    staging.mkdir()
-    try:
-        render(staging)
-        _spare_user_files(folder, staging)
-        names = sorted(p.name for p in staging.iterdir())
-        nested = [n for n in names if not (staging / n).is_file()]
-        if nested:
-            raise RuntimeError(f"save_pretrained: unexpected folders in the checkpoint: {nested}")
-        mode = _file_mode()
-        for n in names:  # the mode a plain open() gives (some writers create 0600 files)
-            os.chmod(staging / n, mode)
-            _fsync_file(staging / n)
-        journal = {"staging": staging.name, "files": names}
-        tmp = folder / f"{JOURNAL}.{staging.name}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(journal, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, folder / JOURNAL)  # the commit point
-        _fsync_dir(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        with contextlib.suppress(NameError, FileNotFoundError):
-            os.remove(tmp)
-        raise
-    _finish(folder, journal)
+    with contextlib.ExitStack() as stack:
+        with _folder_lock(folder):  # a new staging folder is locked before anyone can see it unlocked
+            _recover_locked(folder)
+            staging = folder / f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+            staging.mkdir()
+            os.close(os.open(staging / STAGING_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            live = _open_dir(staging, follow=False)
+            stack.callback(os.close, live)
+            _flock(live, wait=True)
+        tmp, committed = folder / f"{JOURNAL}.{staging.name}", False
+        try:
+            render(staging)
+            names = _staged(staging)
+            nested = [n for n in names if not (staging / n).is_file()]
+            if nested:
+                raise RuntimeError(f"save_pretrained: unexpected folders in the checkpoint: {nested}")
+            mode = _file_mode()
+            for n in names:  # the mode a plain open() gives (some writers create 0600 files)
+                os.chmod(staging / n, mode)
+                _fsync_file(staging / n)
+            with _folder_lock(folder):
+                _recover_locked(folder)  # a save that crashed after its commit point goes first
+                _spare_user_files(folder, staging)
+                names = _staged(staging)
+                journal = {"staging": staging.name, "files": names}
+                with open(tmp, "w", encoding="utf-8") as f:
+                    json.dump(journal, f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, folder / JOURNAL)  # the commit point
+                committed = True
+                _fsync_dir(folder)
+                _finish(folder, journal, own=True)
+        except BaseException:
+            if not committed:  # the old checkpoint stays; after the commit point recover rolls forward
+                shutil.rmtree(staging, ignore_errors=True)
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+            raise
     return names
 
 
@@ -401,11 +546,28 @@ def read_json(path, what: str = CONFIG_NAME) -> dict:
         raise CheckpointError(f"{path} is {path.stat().st_size} bytes; a config.json is at most 64 MiB")
     try:
         out = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # also too deeply nested, or an int of too many digits
+        raise CheckpointError(f"{path} is not valid JSON (or nested too deeply / a number too large): "
+                              f"{type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(out, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
+    if _depth(out) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{path} nests objects/arrays deeper than {MAX_JSON_DEPTH} levels")
     return out
+
+
+MAX_JSON_DEPTH = 64
+
+
+def _depth(obj) -> int:
+    """How deeply ``obj``'s dicts and lists nest (iterative: no recursion on hostile input)."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            deepest = max(deepest, d)
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
 
 
 # ----------------------------------------------------------------------------- weights
@@ -430,8 +592,9 @@ def load_weights(model: nn.Module, path, header: dict | None = None, *, skip: tu
     warn_non_finite(state, path)
     for first, names in _expected_entries(model).items():
         src = next((n for n in names if n in state), None)
-        for n in names if src else ():
-            state.setdefault(n, state[src])
+        if src is not None:
+            for n in names:
+                state.setdefault(n, state[src])
     materialize(model)
     result = model.load_state_dict(state, strict=not skip)
     if skip and (result.unexpected_keys or [k for k in result.missing_keys if not k.startswith(inside)]):
@@ -451,4 +614,5 @@ def materialize(model: nn.Module, device=None) -> None:
 
 __all__ = ["TNMetadata", "CheckpointError", "check_specs", "read_header", "check_against_header",
            "write_checkpoint", "recover", "load_weights", "write_weights", "materialize", "read_json",
-           "write_json", "CONFIG_NAME", "WEIGHTS_NAME", "FORMAT_VERSION"]
+           "write_json", "is_regular_file", "is_generated_card", "CARD_MARKER", "CONFIG_NAME", "WEIGHTS_NAME",
+           "FORMAT_VERSION"]

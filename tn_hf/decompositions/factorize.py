@@ -54,7 +54,7 @@ def auto_modes(n: int, min_factor: int = 4, max_modes: int | None = None) -> tup
     """
     if n < 1:
         raise ValueError(f"auto_modes: need n >= 1, got {n}")
-    best = (n,)
+    best: tuple[int, ...] = (n,)
     d = 2
     while min_factor ** d <= n and (max_modes is None or d <= max_modes):
         f = factorize(n, d)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 from typing import Sequence
 
 import torch
@@ -41,7 +42,7 @@ def ranks_for_ratio(shape: Sequence[int], ratio: float, format: str = "tt") -> l
     if not ratio > 0:
         raise ValueError(f"ranks_for_ratio: ratio must be > 0, got {ratio}")
     shape = [int(n) for n in shape]
-    budget = torch.tensor(shape).prod().item() / ratio
+    budget = math.prod(shape) / ratio
     lo, hi = 1, max(shape) ** 2  # params are monotone in the int rank
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -126,8 +127,8 @@ def _ladder(t: Tensor, floor: list[int], levels: int = 48):
         tail = torch.flip(torch.cumsum(torch.flip(spec, [0]), 0), [0])
         tails.append(torch.cat([tail, tail.new_zeros(1)]))  # tail[r] = error at rank r
     total = float(tails[0][0])
-    out = []
-    for tau in [None, *torch.logspace(0, -4, levels).tolist(), 0.0]:
+    out: list[tuple[int, float, list[int], list[Tensor]]] = []
+    for tau in [None, *torch.logspace(0, -4, levels, device="cpu").tolist(), 0.0]:
         if tau is None:
             r = list(floor)
         else:
@@ -170,7 +171,7 @@ def _greedy(shapes, ladders, caps, unit):
         for i, (w, _) in enumerate(caps):
             used[i] += add * w[n]
 
-    heap = []
+    heap: list[tuple[float, int, str, int]] = []
 
     def push(n):
         lad, i = ladders[n], level[n]
@@ -197,7 +198,7 @@ def _greedy(shapes, ladders, caps, unit):
     # step that does not fit now never will)
     tails = {n: ladders[n][-1][3] for n in names}
     version = {n: 0 for n in names}
-    heap = []
+    bonds: list[tuple[float, str, int, int, int]] = []
 
     def push_bonds(n):
         sh, r = shapes[n], ranks[n]
@@ -210,12 +211,12 @@ def _greedy(shapes, ladders, caps, unit):
             add = tn_params(sh, new) - tn_params(sh, r)
             gain = float(tl[r[k]] - tl[new[k]])
             if gain > 0 and add > 0:
-                heapq.heappush(heap, (-gain / (add * unit[n]), n, k, add, version[n]))
+                heapq.heappush(bonds, (-gain / (add * unit[n]), n, k, add, version[n]))
 
     for n in names:
         push_bonds(n)
-    while heap:
-        _, n, k, add, v = heapq.heappop(heap)
+    while bonds:
+        _, n, k, add, v = heapq.heappop(bonds)
         if v != version[n] or not fits(n, add):
             continue
         take(n, add)

@@ -105,7 +105,7 @@ def tr_svd(x: Tensor, *, ranks=None, max_rank: int | None = None, rel_error: flo
 
     norm_sq = float(x.to(torch.float64).pow(2).sum())
     e2 = 0.0 if rel_error is None else rel_error ** 2 * norm_sq
-    best = None
+    best: tuple[int, int, list[Tensor]] | None = None
     for s in range(d):
         perm = [(s + j) % d for j in range(d)]
         xs = x.permute(perm)
@@ -125,6 +125,7 @@ def tr_svd(x: Tensor, *, ranks=None, max_rank: int | None = None, rel_error: flo
             st = _storage(cores)
             if best is None or st < best[0]:
                 best = (st, s, cores)
+    assert best is not None  # every cyclic start adds its TT-SVD candidate
     _, s, cores = best
     # cores[j] belongs to mode (s + j) % d -> rotate back to the original order
     return [cores[(m - s) % d] for m in range(d)]

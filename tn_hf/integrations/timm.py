@@ -7,7 +7,8 @@ one place tn_hf patches a library: ``install()`` wraps ``timm.models._builder.lo
 timm versions in ``SUPPORTED`` whose signature matches. When the checkpoint's config.json has a
 ``"tn_hf"`` key, the wrapper swaps the named modules for empty TN layers from the specs, checks
 them against the safetensors header and loads it strictly. Any other checkpoint goes to timm's
-own function (kept as ``wrapper.__wrapped__``; ``uninstall()`` restores it).
+own function (kept as ``wrapper.__wrapped__``; ``uninstall()`` restores it), outside any handler of
+tn_hf's: its errors (an unreachable Hub, missing weights) reach the caller unchanged and unchained.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ SUPPORTED = ((1, 0), (2, 0))  # [min, max) timm versions whose load_pretrained t
 _PARAMS = ("model", "pretrained_cfg", "num_classes", "in_chans", "filter_fn", "strict")
 
 
-def _tn_checkpoint(pretrained_cfg: dict, cache_dir=None):
+def _tn_checkpoint(pretrained_cfg: dict, cache_dir=None) -> tuple[S.TNMetadata, Path, Path] | None:
     """(metadata, config path, weights path) if ``pretrained_cfg`` points at a tn_hf checkpoint."""
     source = pretrained_cfg.get("source")
     if source == "local-dir" and pretrained_cfg.get("file"):
@@ -32,7 +33,10 @@ def _tn_checkpoint(pretrained_cfg: dict, cache_dir=None):
         cfg_path, weights = root / S.CONFIG_NAME, root / S.WEIGHTS_NAME
     elif source == "hf-hub" and pretrained_cfg.get("hf_hub_id"):
         from timm.models._hub import download_from_hf
-        cfg_path = Path(download_from_hf(pretrained_cfg["hf_hub_id"], S.CONFIG_NAME, cache_dir=cache_dir))
+        try:
+            cfg_path = Path(download_from_hf(pretrained_cfg["hf_hub_id"], S.CONFIG_NAME, cache_dir=cache_dir))
+        except Exception:  # noqa: BLE001 - Hub unreachable, no config.json: timm's own loader reports it as is
+            return None
         weights = None
     else:
         return None
@@ -72,6 +76,7 @@ def load_tn_checkpoint(model, meta: S.TNMetadata, cfg_path, weights, num_classes
 def _make_wrapper(original):
     @functools.wraps(original)
     def load_pretrained(model, pretrained_cfg=None, *args, cache_dir=None, **kwargs):
+        __tracebackhide__ = True  # noqa: F841 - pytest and IPython leave this frame out of timm's errors
         cfg = pretrained_cfg or getattr(model, "pretrained_cfg", None) or {}
         found = _tn_checkpoint(cfg, cache_dir)
         if found is None:
@@ -80,7 +85,7 @@ def _make_wrapper(original):
         load_tn_checkpoint(model, *found, num_classes=num_classes)
 
     load_pretrained.__wrapped__ = original
-    load_pretrained._tn_hf = True
+    setattr(load_pretrained, "_tn_hf", True)  # the mark install() and uninstall() look for
     return load_pretrained
 
 
@@ -118,6 +123,7 @@ def uninstall() -> None:
     from timm.models import _builder
     current = _builder.load_pretrained
     if getattr(current, "_tn_hf", False):
-        _builder.load_pretrained = current.__wrapped__
+        original = current.__wrapped__  # type: ignore[attr-defined]  # our wrapper's (_make_wrapper)
+        _builder.load_pretrained = original
         if public.load_pretrained is current:
-            public.load_pretrained = current.__wrapped__
+            public.load_pretrained = original

@@ -19,24 +19,30 @@ Events used (transformers >= 4.46 / 5.x):
 * on_log: admm_primal / admm_dual / admm_rho into the logs (and the log_history entry).
 * on_save: writes the state if the pre-save hook did not (saves decided after evaluation).
 * on_train_end (after load_best_model_at_end): decompose in place at the ADMM ranks
-  (compress_at_end), so ``trainer.save_model()`` writes the compressed model.
+  (compress_at_end), so ``trainer.save_model()`` writes the compressed model; from then on it also
+  writes the model card (README.md, compression.png) and tn_hf_report.json, as
+  ``tn_hf.save_pretrained`` does (Trainer has no save event of its own: the running Trainer's
+  ``save_model`` is wrapped).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
 import uuid
+from types import FrameType
 
 from transformers import TrainerCallback
 
 from ..admm import STATE_TENSORS, ADMMScheduler
+from ..plans import as_plan_or_config
 
 RECORD = "tn_hf_admm"  # key in TrainerState.stateful_callbacks: tag of the ADMM state of this checkpoint
 
 
 def _frames(limit: int = 12):
-    f = sys._getframe(2)
+    f: FrameType | None = sys._getframe(2)
     while f is not None and limit:
         yield f
         f, limit = f.f_back, limit - 1
@@ -46,6 +52,34 @@ def _calling_handler():
     """The Trainer's CallbackHandler dispatching the current event (None if not found)."""
     return next((f.f_locals["self"] for f in _frames() if type(f.f_locals.get("self")).__name__ == "CallbackHandler"),
                 None)
+
+
+def _calling_trainer():
+    """The ``transformers.Trainer`` running the current event (None if not found)."""
+    from transformers import Trainer
+    return next((f.f_locals["self"] for f in _frames() if isinstance(f.f_locals.get("self"), Trainer)), None)
+
+
+def _card_on_save_model(trainer) -> None:
+    """Make ``trainer.save_model(dir)`` also write the model card (README.md, compression.png) and
+    tn_hf_report.json, as ``tn_hf.save_pretrained`` does, once the model is TN-compressed."""
+    save_model = trainer.save_model
+    if getattr(save_model, "_tn_hf", False):
+        return
+
+    @functools.wraps(save_model)
+    def with_card(output_dir: str | None = None, _internal_call: bool = False) -> None:
+        save_model(output_dir, _internal_call)
+        model = trainer.model
+        if trainer.args.should_save and getattr(model, "tn_hf_specs", None):
+            from ..cards import write_model_card
+            from ..hub import _kind
+            kind = _kind(model)
+            write_model_card(model, output_dir or trainer.args.output_dir, report=getattr(model, "tn_hf_report", None),
+                             library_name="pytorch" if kind == "torch" else kind)
+
+    setattr(with_card, "_tn_hf", True)
+    trainer.save_model = with_card
 
 
 def _resume_argument():
@@ -60,7 +94,9 @@ def _resume_argument():
 class ADMMTTCallback(TrainerCallback):
     def __init__(self, config, *, rho: float | None = None, update_every=None, rho_schedule=None,
                  w_step: str | None = None, compress_at_end: bool = True, progress: bool | None = None):
-        self.config = config
+        """``config``: a ``tn_hf.Plan`` (trained for and decomposed at exactly its ranks) or a ``TNConfig``
+        (planned with ``tn_hf.plan`` when training begins); the other arguments go to ``ADMMScheduler``."""
+        self.config = as_plan_or_config(config)
         self.rho = rho
         self.update_every = update_every
         self.rho_schedule = rho_schedule
@@ -111,7 +147,9 @@ class ADMMTTCallback(TrainerCallback):
         src, ranks = None, None
         if state.global_step > 0:
             src = self._resume_dir(args, state)
-            ranks = ADMMScheduler.read_meta(src)["ranks"]
+            meta = ADMMScheduler.read_meta(src)
+            assert meta is not None  # _resume_dir returns a folder whose ADMM state it read
+            ranks = meta["ranks"]
         self.sched = ADMMScheduler(model, self.config, total_steps=state.max_steps or None, rho=self.rho,
                                    update_every=self.update_every, rho_schedule=self.rho_schedule,
                                    w_step=self.w_step, ranks=ranks, progress=progress)
@@ -120,19 +158,26 @@ class ADMMTTCallback(TrainerCallback):
         self._saved_step = None
 
     # ------------------------------------------------------------------ training
+    def _running(self) -> ADMMScheduler:
+        if self.sched is None:
+            raise RuntimeError("ADMMTTCallback: a training event came before on_train_begin (no ADMM state yet)")
+        return self.sched
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.sched.prox_grad_()
+        self._running().prox_grad_()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.sched.step()
-        if state.epoch is not None and float(state.epoch).is_integer() and self.sched.epochs < int(state.epoch):
-            self.sched.epoch_end()  # the epoch's last step: per-epoch update before any save of this step
+        sched = self._running()
+        sched.step()
+        if state.epoch is not None and float(state.epoch).is_integer() and sched.epochs < int(state.epoch):
+            sched.epoch_end()  # the epoch's last step: per-epoch update before any save of this step
         if control.should_save:
             self._save(args, state)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.sched.epochs < math.ceil(state.epoch or 0):  # an epoch cut short by max_steps
-            self.sched.epoch_end()
+        sched = self._running()
+        if sched.epochs < math.ceil(state.epoch or 0):  # an epoch cut short by max_steps
+            sched.epoch_end()
         if control.should_save:
             self._save(args, state)
 
@@ -164,3 +209,6 @@ class ADMMTTCallback(TrainerCallback):
                 (not args.disable_tqdm and state.is_world_process_zero)
             self.report = self.sched.compress(model, progress=progress)
             model.tn_hf_report = self.report
+            trainer = _calling_trainer()
+            if trainer is not None:
+                _card_on_save_model(trainer)

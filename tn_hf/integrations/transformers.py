@@ -27,6 +27,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .. import serialization as S
 from ..convert import MODEL_HOOKS, apply_specs, compress, decompress
+from ..layers.base import TNLayer
 
 QUANT_METHOD = "tn_hf"
 
@@ -44,7 +45,7 @@ class TNQuantizationConfig(QuantizationConfigMixin):
 
     def __init__(self, specs: dict | None = None, config: dict | None = None, tn_hf_version: str | None = None,
                  format_version: int = S.FORMAT_VERSION, **kwargs):
-        self.quant_method = QUANT_METHOD
+        self.quant_method = QUANT_METHOD  # type: ignore[assignment]  # a registered name, not a built-in enum member
         d = dict(kwargs, specs=specs, format_version=format_version)
         for k, v in (("config", config), ("tn_hf_version", tn_hf_version)):
             if v is not None:
@@ -65,6 +66,7 @@ class TNQuantizer(HfQuantizer):
     and compresses dense checkpoints while loading (``quantization_config=TNConfig(...)``)."""
 
     requires_calibration = False
+    quantization_config: TNQuantizationConfig
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         if not self.pre_quantized:  # a dense checkpoint: it loads as usual, then is compressed
@@ -79,12 +81,23 @@ class TNQuantizer(HfQuantizer):
                     header.update(S.read_header(f))
             if header:
                 S.check_cores_against_header(model, header, checkpoint_files[0])
+                prefixes = tuple(f"{name}." for name in self.quantization_config.specs)
+                state = model.state_dict(keep_vars=True)
+                unexpected = sorted(k for k in header if k.startswith(prefixes) and k not in state)
+                if unexpected:  # transformers would only warn and drop them
+                    raise S.CheckpointError(f"weights file {checkpoint_files[0]}: unexpected keys in the TN layers "
+                                            f"{unexpected[:10]}; the layers the specs build have no such tensors")
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
             compress(model, self.quantization_config, progress=False)
             return model
+        unloaded = _unloaded_tn_parameters(model)
+        if unloaded:  # transformers only warns; these layers would keep uninitialised memory
+            raise S.CheckpointError(f"the checkpoint's weights name none of these TN parameters of "
+                                    f"{type(model).__name__} (missing keys): {unloaded[:10]}; its TN cores are "
+                                    "named otherwise (renamed, or another model's): every TN core loads by name")
         bad = [n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())]
         if bad:
             warnings.warn(f"tn_hf: parameters with NaN/Inf values after loading: {bad[:10]}", stacklevel=2)
@@ -107,6 +120,14 @@ class TNQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         return decompress(model)
+
+
+def _unloaded_tn_parameters(model) -> list[str]:
+    """The parameters of TN layers that transformers did not fill from the checkpoint (it flags each
+    tensor it loads with ``_is_hf_initialized``; it has no initialiser for TN layers)."""
+    tn = {id(p) for m in model.modules() if isinstance(m, TNLayer) for p in m.parameters()}
+    return [n for n, p in model.named_parameters(remove_duplicate=False)
+            if id(p) in tn and not getattr(p, "_is_hf_initialized", False)]
 
 
 def attach_quantization_config(model) -> None:

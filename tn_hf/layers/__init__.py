@@ -10,7 +10,7 @@ from .tucker import TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerGRU, TuckerL
 # The one table: dense type -> (TNConfig.layer_types name, {format: TN class}). Planning targets
 # exact types only (subclasses such as NonDynamicallyQuantizableLinear can behave in ways a TN
 # layer can't follow); tn_class_for also answers for subclasses.
-_BY_TYPE = {
+_BY_TYPE: dict[type[nn.Module], tuple[str, dict[str, type[TNLayer]]]] = {
     nn.Linear: ("linear", {"tt": TTLinear, "tr": TRLinear, "tucker": TuckerLinear}),
     nn.Conv1d: ("conv", {"tt": TTConv1d, "tr": TRConv1d, "tucker": TuckerConv1d}),
     nn.Conv2d: ("conv", {"tt": TTConv2d, "tr": TRConv2d, "tucker": TuckerConv2d}),

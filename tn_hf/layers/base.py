@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -26,8 +27,9 @@ from .. import decompositions as D
 from ..decompositions import chain
 from ..config import FORMATS
 
-registry: dict[str, type] = {}
+registry: dict[str, type[TNLayer]] = {}
 FORMAT_NAMES = {"tt": "Tensor-Train", "tr": "Tensor-Ring", "tucker": "Tucker"}
+_M = TypeVar("_M", bound=nn.Module)
 
 
 
@@ -153,10 +155,13 @@ class TNLayer(nn.Module):
     dense_type: type = nn.Module
     composite: bool = False
     _args_doc: str = ""  # the constructor's "Args:" section, shared by a family of layers
+    cores: nn.ParameterList
+    bias: nn.Parameter | None
+    _spec: dict
 
     # ----------------------------------------------------------------- the contract
     @classmethod
-    def dense_spec(cls, module, **kw) -> dict:
+    def dense_spec(cls, module, *, ranks=None, in_factors=None, out_factors=None, n_modes=None) -> dict:
         raise _missing(cls, "dense_spec")
 
     @classmethod
@@ -195,6 +200,9 @@ class TNLayer(nn.Module):
 
     def _path_flops(self, input_shape) -> tuple[int, int, bool]:
         raise _missing(type(self), "_path_flops")
+
+    def _shape_repr(self) -> str:
+        raise _missing(type(self), "_shape_repr")
 
     def cost(self, input_shape) -> dict:
         """FLOPs of each forward path for an input of ``input_shape``.
@@ -247,8 +255,10 @@ class TNLayer(nn.Module):
         rebuilt weight) do not depend on the input, so they are computed on the first call and
         kept until a core changes. A change is seen through each core's ``data_ptr`` and
         ``_version`` counter, which in-place updates bump (optimizer steps, ``load_state_dict``,
-        ``copy_``), and ``.to()`` moves; ``train()`` / ``eval()`` drop the cache too. While
-        autograd records (training) or under ``torch.compile`` nothing is cached."""
+        ``copy_``), and ``.to()`` moves; ``train()`` / ``eval()`` drop the cache too. The cache is
+        also keyed by the call's autocast state (on/off and its dtype, for the cores' device type) and
+        by inference mode, so a forward under ``torch.autocast`` and a plain one each get their own
+        merged weights. While autograd records (training) or under ``torch.compile`` nothing is cached."""
         return self._memo(self._store(), name, fn)
 
     def _store(self) -> dict | None:
@@ -256,11 +266,14 @@ class TNLayer(nn.Module):
         A forward takes it once and reads several entries from it (path, merged factors). This runs
         on every forward, so it reads the cores straight from the list's dict (indexing an
         ``nn.ParameterList`` costs microseconds, which a batch-1 forward of a small layer notices)."""
-        cores = tuple(self.cores._parameters.values())
+        cores = cast("tuple[nn.Parameter, ...]", tuple(self.cores._parameters.values()))  # never None entries
         if not self._caching(cores):
             return None
-        key = (torch.is_inference_mode_enabled(),) + tuple((c.data_ptr(), c._version, c.dtype, c.device)
-                                                            for c in cores)
+        device = cores[0].device.type  # where the call computes (its input is on the cores' device)
+        amp = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) \
+            if torch.amp.is_autocast_available(device) else (False, None)  # (meta: no autocast)
+        key = (torch.is_inference_mode_enabled(), *amp) + tuple((c.data_ptr(), c._version, c.dtype, c.device)
+                                                                 for c in cores)
         cache = self.__dict__.get("_tn_cache")
         if cache is None or cache[0] != key:
             cache = self.__dict__["_tn_cache"] = (key, {})
@@ -339,8 +352,9 @@ class TNLayer(nn.Module):
         w = module.weight
         spec, cores = cls.decompose_weight(w, spec, ranks=ranks, max_rank=max_rank, rel_error=rel_error,
                                            compression_ratio=compression_ratio)
-        layer = cls.from_spec(spec).to(device=w.device, dtype=w.dtype)
-        return layer.load_cores(cores, getattr(module, "bias", None))
+        with torch.device(w.device):  # built where the weight is (no host copy of the initial values)
+            layer = cls.from_spec(spec)
+        return layer.to(dtype=w.dtype).load_cores(cores, getattr(module, "bias", None))
 
     @torch.no_grad()
     def load_cores(self, cores, bias=None):
@@ -348,6 +362,9 @@ class TNLayer(nn.Module):
         for p, c in zip(self.cores, cores):
             p.copy_(c)
         if bias is not None:
+            if self.bias is None:
+                raise ValueError(f"{type(self).__name__}.load_cores: a bias was given but the layer has none "
+                                 f"(its spec has bias=False)")
             self.bias.copy_(bias)
         return self
 
@@ -366,12 +383,12 @@ class TNLayer(nn.Module):
         return normalize_ranks(ranks, cls._modes(spec), cls.format, cls._where(spec))
 
     # --------------------------------------------------------------- accounting
-    def _filled(self, dense: nn.Module) -> nn.Module:
+    def _filled(self, dense: _M) -> _M:
         """``dense`` (a fresh plain module of the right shape) with this layer's rebuilt weight and bias."""
         with torch.no_grad():
-            dense.weight.copy_(self.weight)
+            dense.get_parameter("weight").copy_(self.weight)
             if self.bias is not None:
-                dense.bias.copy_(self.bias)
+                dense.get_parameter("bias").copy_(self.bias)
         return dense
 
     def params(self) -> int:
@@ -424,3 +441,14 @@ def pair_factors(in_features, out_features, in_factors, out_factors, n_modes, wh
     fo = check_factors(out_factors, out_features, "out_factors", where) if out_factors is not None \
         else default_factors(out_features, d)
     return fi, fo
+
+
+def keep_rng(model: nn.Module):
+    """A context in which the caller's random streams are saved and restored: the CPU generator and
+    the generators of the accelerator devices ``model``'s parameters live on (``compress`` and
+    ``tune`` build layers, whose default initialisation draws numbers, before loading weights)."""
+    devices = sorted({p.device for p in model.parameters() if p.device.type not in ("cpu", "meta")}, key=str)
+    kinds = {d.type for d in devices}
+    if len(kinds) != 1:  # CPU only (or, rarely, two accelerator kinds: the CPU generator is what code shares)
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[d.index or 0 for d in devices], device_type=kinds.pop())

@@ -47,7 +47,7 @@ def _tuple(v, n, what, where):
 
 class _TNConv(TNLayer):
     dim: int = 2
-    kernel_modes = CONV_LAYOUTS
+    kernel_modes: tuple[str, ...] = CONV_LAYOUTS
     pointwise_modes = POINTWISE
     _args_doc = """Args:
     in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode: as
@@ -120,7 +120,7 @@ class _TNConv(TNLayer):
                 raise ValueError(f"{where}: padding {padding!r}; valid: 'same', 'valid' or ints")
             if padding == "same" and any(s != 1 for s in st):
                 raise ValueError(f"{where}: padding='same' needs stride 1, got stride={st}")
-            pad = padding
+            pad: str | list[int] = padding
         else:
             pad = list(_tuple(padding, n, "padding", where))
         if kernel_mode not in cls.kernel_modes:
@@ -194,12 +194,12 @@ class _TNConv(TNLayer):
     # --------------------------------------------------------------------- forward
     def _padding_plan(self):
         n, ks, dil = self.dim, self.kernel_size, self.dilation
-        if self.padding == "valid":
-            lr = [(0, 0)] * n
+        if not isinstance(self.padding, str):
+            lr = [(p, p) for p in self.padding]
         elif self.padding == "same":
             lr = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2) for k, d in zip(ks, dil)]
-        else:
-            lr = [(p, p) for p in self.padding]
+        else:  # "valid"
+            lr = [(0, 0)] * n
         self._lr = lr
         if self.padding_mode == "zeros" and all(a == b for a, b in lr):
             return None, tuple(a for a, _ in lr)
@@ -322,9 +322,8 @@ class _TNConv(TNLayer):
     def to_dense(self):
         w = self.weight.detach()
         s = self._spec
-        m = _DENSE[self.dim](self.in_channels, self.out_channels, self.kernel_size, self.stride,
-                             s["padding"] if isinstance(s["padding"], str) else tuple(s["padding"]), self.dilation,
-                             1, self.bias is not None, self.padding_mode, device=w.device, dtype=w.dtype)
+        m = _DENSE[self.dim](self.in_channels, self.out_channels, s["kernel_size"], s["stride"], s["padding"],
+                             s["dilation"], 1, self.bias is not None, self.padding_mode, device=w.device, dtype=w.dtype)
         return self._filled(m)
 
     def dense_params(self) -> int:

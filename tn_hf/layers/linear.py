@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import TNLayer, chain_flops, pair_factors
+from .base import TNLayer, _missing, chain_flops, pair_factors
 
 
 # The core sweep runs as several small einsums with reshapes/permutes between them; measured on
@@ -64,6 +64,12 @@ class _LinearLayer(TNLayer):
 
     # ---------------------------------------------------------------- tensorization
     @classmethod
+    def _side_factors(cls, in_features: int, out_features: int, in_factors, out_factors, n_modes,
+                      where: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(in_factors, out_factors) of a layer: the given ones checked, the default ones filled in."""
+        raise _missing(cls, "_side_factors")
+
+    @classmethod
     def dense_spec_from_sizes(cls, in_features, out_features, bias=True, *, ranks=None, in_factors=None,
                               out_factors=None, n_modes=None):
         where = f"{cls.__name__}({in_features}->{out_features})"
@@ -91,6 +97,10 @@ class _LinearLayer(TNLayer):
                    in_factors=spec["in_factors"], out_factors=spec["out_factors"])
 
     # --------------------------------------------------------------------- forward
+    def _contract(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, I) -> (B, O) without the dense weight and without the bias."""
+        raise _missing(type(self), "_contract")
+
     def contract(self, x, **kw):
         """Forward without the dense weight (bias included); see the subclass's ``_contract``."""
         y = self._contract(x.reshape(-1, self.in_features), **kw)

@@ -39,6 +39,7 @@ class _TNRNN(TNLayer):
 """
     gates: int = 4
     mode: str = "LSTM"
+    bias: bool  # type: ignore[assignment]  # nn.LSTM's flag: the biases are the TN children's parameters
 
     @classmethod
     def _leaf(cls):
@@ -154,16 +155,18 @@ class _TNRNN(TNLayer):
 
     @classmethod
     def from_dense(cls, module, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
-                   in_factors=None, out_factors=None, n_modes=None, compress_hidden=False):
+                   in_factors=None, out_factors=None, n_modes=None, **layout):
+        """A layer decomposed from ``module``'s matrices; ``layout``: ``compress_hidden`` (see ``dense_spec``)."""
         spec = cls.dense_spec(module, ranks=ranks, in_factors=in_factors, out_factors=out_factors,
-                              n_modes=n_modes, compress_hidden=compress_hidden)
+                              n_modes=n_modes, **layout)
         leaf, cores = cls._leaf(), {}
         for name, ls in spec["weights"].items():
             spec["weights"][name], cores[name] = leaf.decompose_weight(
                 getattr(module, name), ls, ranks=ranks, max_rank=max_rank, rel_error=rel_error,
                 compression_ratio=compression_ratio, where=f"{cls._where(spec)}.{name}")
         ref = module.weight_ih_l0
-        layer = cls._from_spec(spec).to(device=ref.device, dtype=ref.dtype)
+        with torch.device(ref.device):
+            layer = cls._from_spec(spec).to(dtype=ref.dtype)
         for name, cs in cores.items():
             child = getattr(layer, name[len("weight_"):])
             child.load_cores(cs, getattr(module, "bias_" + name[len("weight_"):]) if child.bias is not None else None)
@@ -266,7 +269,7 @@ class _TNRNN(TNLayer):
             outs = []
             for d, sfx in enumerate(self._suffixes()):
                 k = l_ * nd + d
-                out, h, c = self._direction(x, l_, sfx, h0[k], c0[k] if lstm else None, lengths)
+                out, h, c = self._direction(x, l_, sfx, h0[k], c0[k] if c0 is not None else None, lengths)
                 outs.append(out)
                 hs.append(h)
                 cs.append(c)
@@ -275,13 +278,13 @@ class _TNRNN(TNLayer):
                 x = F.dropout(x, self.dropout, True)
         h_n = torch.stack(hs)
         c_n = torch.stack(cs) if lstm else None
-        if packed:
+        if lengths is not None:  # packed input
             idx = input.sorted_indices
             xs, ls = (x, lengths) if idx is None else (x.index_select(1, idx), lengths[idx.cpu()])
             p = pack_padded_sequence(xs, ls, enforce_sorted=True)
             out = PackedSequence(p.data, p.batch_sizes, input.sorted_indices, input.unsorted_indices)
         elif unbatched:
-            out, h_n, c_n = x.squeeze(1), h_n.squeeze(1), (c_n.squeeze(1) if lstm else None)
+            out, h_n, c_n = x.squeeze(1), h_n.squeeze(1), (c_n.squeeze(1) if c_n is not None else None)
         else:
             out = x.transpose(0, 1) if self.batch_first else x
         return out, ((h_n, c_n) if lstm else h_n)

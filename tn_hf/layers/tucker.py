@@ -266,7 +266,7 @@ class TuckerGRU(_TuckerRNN):
 # ----------------------------------------------------------------------------- planning
 def _side_orders(n: int, max_order: int = 4) -> list[tuple[int, ...]]:
     """Balanced factorisations of ``n`` into 1..max_order modes (no factor 1 unless n is 1)."""
-    out = [(n,)]
+    out: list[tuple[int, ...]] = [(n,)]
     for d in range(2, max_order + 1):
         f = default_factors(n, d)
         if min(f) > 1:
@@ -363,7 +363,8 @@ def share_core(model: nn.Module, *, sweeps: int = 4, cg_iters: int = 30) -> nn.P
     for _ in range(sweeps):
         for t, us in zip(T, U):  # factor matrices: least squares, one mode at a time
             for k in range(d):
-                m = apply(G, [us[j] if j != k else torch.eye(G.shape[k], dtype=G.dtype) for j in range(d)])
+                eye = torch.eye(G.shape[k], dtype=G.dtype, device=G.device)
+                m = apply(G, [us[j] if j != k else eye for j in range(d)])
                 mk = torch.movedim(m, k, 0).reshape(G.shape[k], -1)
                 tk = torch.movedim(t, k, 0).reshape(t.shape[k], -1)
                 us[k] = torch.linalg.lstsq(mk.T, tk.T).solution.T
