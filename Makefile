@@ -17,6 +17,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/python -m ruff check tn_hf tests benchmarks recipes
 	$(BIN)/python -m mypy tn_hf
 	$(BIN)/python -m pytest -q tests
 

@@ -23,11 +23,11 @@ import statistics
 import time
 
 import torch
+from _results import environment  # noqa: E402
 
 from tn_hf import TNConfig, demo
 from tn_hf.admm import ADMMScheduler
 from tn_hf.convert import compress
-from _results import environment  # noqa: E402
 
 ARMS = ("direct", "admm_default", "admm_tuned")
 
@@ -122,8 +122,10 @@ def render(data: dict, title: str, intro: str) -> str:
              f"Environment: {data.get('environment')}.", "",
              "Accuracy in %, mean ± sample std over seeds (n). 'after decomp' = right after the "
              "decomposition, before any fine-tuning; 'final' = after fine-tuning at equal total epochs. "
-             "ADMM overhead = ADMM epoch time / plain dense epoch time - 1, measured in the same process, median over seeds (2 shared CPU cores: noisy).", "",
-             "| format | ratio (got) | n | direct: after decomp | ADMM default: after decomp | ADMM tuned: after decomp "
+             "ADMM overhead = ADMM epoch time / plain dense epoch time - 1, measured in the same process, "
+             "median over seeds (2 shared CPU cores: noisy).", "",
+             "| format | ratio (got) | n | direct: after decomp | ADMM default: after decomp "
+             "| ADMM tuned: after decomp "
              "| direct: final | ADMM default: final | ADMM tuned: final | primal at end (default) "
              "| ADMM overhead (default) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -9,11 +9,11 @@ admm_common.py at equal total epochs. Results: benchmarks/results/admm_lstm.json
 """
 import os
 
+import admm_common as C
+import plots
 import torch
 from torch import nn
 
-import admm_common as C
-import plots
 from tn_hf import TNConfig, demo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,6 +33,7 @@ class LSTMNet(nn.Module):
 
 def loaders(seed: int):
     import numpy as np
+
     from tn_hf.extras import require
     load_basic_motions = require("sktime.datasets", "the BasicMotions benchmark").load_basic_motions
     X, y = load_basic_motions(return_type="numpy3D", split="train")

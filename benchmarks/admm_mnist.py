@@ -9,10 +9,10 @@ benchmarks/results/admm_mnist.json and rendered to admm_mnist.md, so a run can b
 """
 import os
 
-import torch
-
 import admm_common as C
 import plots
+import torch
+
 from tn_hf import TNConfig, demo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -22,8 +22,9 @@ DENSE_EPOCHS, ADMM_EPOCHS, FT_EPOCHS = 3, 2, 1
 
 def dense_model(seed: int, data: dict):
     """Trained SmallCNN for this seed (cached as safetensors in the temp folder)."""
-    from safetensors.torch import load_file, save_file
     import tempfile
+
+    from safetensors.torch import load_file, save_file
     cache = os.path.join(tempfile.gettempdir(), "tn_hf_bench_cache", f"mnist_dense_{seed}.safetensors")
     tl, te = demo.loaders(seed=seed)
     torch.manual_seed(seed)
@@ -78,7 +79,8 @@ def trainer_arm(dense, tl, te, cfg, seed: int, optim: str = "sgd") -> dict:
         opt = (torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), None) if optim == "sgd" else (None, None)
         Trainer(model=m, args=args, train_dataset=DS(tl), callbacks=[cb], optimizers=opt).train()
     acc_admm = demo.evaluate(m.net, te)
-    direct.tn_hf_pinned_ranks = {"config": cfg.to_dict(), "ranks": {k.removeprefix("net."): v for k, v in cb.sched.ranks.items()}}
+    direct.tn_hf_pinned_ranks = {"config": cfg.to_dict(),
+                                 "ranks": {k.removeprefix("net."): v for k, v in cb.sched.ranks.items()}}
     tn_hf.compress(direct, cfg, progress=False)
     return {"admm_trainer_defaults": acc_admm, "direct": demo.evaluate(direct, te),
             "primal_end": cb.sched.residuals()["primal"]}

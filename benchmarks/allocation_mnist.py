@@ -13,11 +13,11 @@ import argparse
 import copy
 import statistics
 
-import torch
-
 import admm_mnist
+import torch
 from _results import write
 from speed_models import alternate
+
 from tn_hf import TNConfig, compress, demo
 
 ALLOCATIONS = ("uniform", "global", "time")

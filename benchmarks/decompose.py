@@ -24,8 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import plots  # noqa: E402
 from _results import RESULTS, write  # noqa: E402
 
-from tn_hf.decompositions import (auto_modes, factorize, ranks_for_ratio, tn_params, tr_svd, tr_to_full,
-                                  tt_project, tt_svd, tt_to_full)
+from tn_hf.decompositions import (
+    auto_modes,
+    factorize,
+    ranks_for_ratio,
+    tn_params,
+    tr_svd,
+    tr_to_full,
+    tt_project,
+    tt_svd,
+    tt_to_full,
+)
 
 RATIO = 3.5
 
@@ -79,11 +88,11 @@ def main():
         x = tensorize(w)
         r_tt = ranks_for_ratio(x.shape, RATIO, "tt")
         r_tr = ranks_for_ratio(x.shape, RATIO, "tr")
-        t_tl_tt, f_tl_tt = timed(lambda: tl.tt_to_tensor(tensor_train(x, rank=r_tt)), repeats)
-        t_tt, c_tt = timed(lambda: tt_svd(x, ranks=r_tt), repeats)
-        t_proj, p = timed(lambda: tt_project(x, r_tt), repeats)
-        t_tl_tr, f_tl_tr = timed(lambda: tl.tr_to_tensor(tensor_ring(x, rank=r_tr)), repeats)
-        t_tr, c_tr = timed(lambda: tr_svd(x, ranks=r_tr), repeats)
+        t_tl_tt, f_tl_tt = timed(lambda x=x, r=r_tt: tl.tt_to_tensor(tensor_train(x, rank=r)), repeats)
+        t_tt, c_tt = timed(lambda x=x, r=r_tt: tt_svd(x, ranks=r), repeats)
+        t_proj, p = timed(lambda x=x, r=r_tt: tt_project(x, r), repeats)
+        t_tl_tr, f_tl_tr = timed(lambda x=x, r=r_tr: tl.tr_to_tensor(tensor_ring(x, rank=r)), repeats)
+        t_tr, c_tr = timed(lambda x=x, r=r_tr: tr_svd(x, ranks=r), repeats)
         row = dict(name=name, shape="x".join(map(str, x.shape)), tt_ranks=r_tt, tr_ranks=r_tr,
                    ratio_tt=x.numel() / tn_params(x.shape, r_tt), ratio_tr=x.numel() / tn_params(x.shape, r_tr),
                    t_tl_tt=t_tl_tt, t_tt=t_tt, t_proj=t_proj, t_tl_tr=t_tl_tr, t_tr=t_tr,

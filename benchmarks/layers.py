@@ -26,9 +26,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import tn_hf  # noqa: E402
+from tn_hf.decompositions import ranks_for_ratio  # noqa: E402
 from tn_hf.layers import TTConv2d, TTLinear, tn_targets  # noqa: E402
 from tn_hf.layers.base import n_params  # noqa: E402
-from tn_hf.decompositions import ranks_for_ratio  # noqa: E402
+
 
 def _conv_case(c, hw, tltorch=True, **cfg):
     """A 3x3 conv c -> c at hw x hw (ResNet-18 shapes), planned by tn_hf.compress with ``cfg``."""
@@ -201,7 +202,7 @@ def main():
             if mk_tl is not None:
                 try:
                     tl = mk_tl(ratio)
-                except Exception as e:  # tltorch may not support a configuration
+                except Exception as e:  # noqa: BLE001 - tltorch is an optional baseline: skip it on any failure
                     print(f"tltorch failed on {name}: {e}", file=sys.stderr)
             for batch in (1, 32):
                 t_tn = measure(tn, mk_x, batch, repeats)

@@ -21,7 +21,7 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FORMAT_ORDER = {"tt": 0, "tr": 1, "tucker": 2}
+FORMAT_ORDER = {"tt": 0, "tr": 1, "tucker": 2, "bt": 3}
 STAGES = (("acc_decomposed", "right after the decomposition"), ("acc_finetuned", "after fine-tuning"))
 
 
@@ -196,7 +196,31 @@ def speed(json_path: Path | str, title: str, modes: Sequence[str] = ("eval, TNCo
                                  f"{env.get('threads', '?')} threads, torch {env.get('torch', '?')}")
 
 
+def bt_compare(json_path: Path | str, title: str) -> Path:
+    """Accuracy per format (mean +- std over seeds) right after the decomposition and after
+    fine-tuning, one panel per task, dense as a dotted line (bt_compare.json)."""
+    data = _load(json_path)
+    tasks = list(data["tasks"])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.4), squeeze=False, layout="constrained")
+    for ax, name in zip(axes[0], tasks):
+        res = data["tasks"][name]
+        fmts = list(dict.fromkeys(r["format"] for r in res["rows"]))
+        for i, (stage, label) in enumerate(STAGES):
+            stats = [_mean_std([r[stage] for r in res["rows"] if r["format"] == f]) for f in fmts]
+            ax.bar([k + 0.38 * i for k in range(len(fmts))], [m for m, _ in stats], 0.36,
+                   yerr=[s for _, s in stats], color=f"C{i}", label=label, capsize=3)
+        ax.axhline(statistics.mean(v["acc"] for v in res["dense"].values()), color="grey", linestyle=":",
+                   label="dense")
+        ax.set_xticks([k + 0.19 for k in range(len(fmts))], [f.upper() for f in fmts])
+        ax.set_title(f"{name} ({data['settings'][name]['ratio']:g}x)", fontsize=10)
+        ax.set_ylabel("test accuracy (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3)
+    return _save(fig, json_path, title)
+
+
 FIGURES: dict[str, tuple[Callable[[Path, str], Path], str]] = {
+    "bt_compare": (bt_compare, "Block-term vs TT vs Tucker at the same parameter budget (3 seeds)"),
     "admm_mnist": (admm, "ADMM vs direct decomposition: SmallCNN on MNIST-5k (3 seeds)"),
     "admm_lstm": (admm, "ADMM vs direct decomposition: LSTM on BasicMotions (3 seeds)"),
     "tucker_mnist": (tucker, "Tucker vs TT vs TR on MNIST-5k"),

@@ -30,11 +30,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import plots  # noqa: E402
+from _results import environment  # noqa: E402
+
 import tn_hf  # noqa: E402
 from tn_hf.demo import SmallCNN  # noqa: E402
 from tn_hf.report import is_channels_last  # noqa: E402
-from _results import environment  # noqa: E402
-import plots  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TIMM = ["resnet18", "resnet50", "convnext_tiny", "efficientnet_b0", "mobilenetv3_large_100",
@@ -213,8 +214,8 @@ def run_model(name, ratio, args, device):
         td, tt, *tf = alternate(fns, reps, device)
         rows.append(dict(_row(base, "eval" + suffix, b, td, tt), floor_ratio=alternate.paired[2] if tf else None))
         del free
-        print(f"{name} {ratio}x eval{suffix} b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms ({alternate.paired[1]:.2f}x)",
-              flush=True)
+        print(f"{name} {ratio}x eval{suffix} b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms "
+              f"({alternate.paired[1]:.2f}x)", flush=True)
     if args.train_batch and not args.compile_only:
         b = args.train_batch
         x = randn(b)
@@ -224,8 +225,8 @@ def run_model(name, ratio, args, device):
         dense.eval()
         tn.eval()
         rows.append(_row(base, "train step" + suffix, b, td, tt))
-        print(f"{name} {ratio}x train{suffix} b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms ({alternate.paired[1]:.2f}x)",
-              flush=True)
+        print(f"{name} {ratio}x train{suffix} b{b}: dense {td * 1e3:.2f} ms, TN {tt * 1e3:.2f} ms "
+              f"({alternate.paired[1]:.2f}x)", flush=True)
     if name in args.compile:
         cd, ct = torch.compile(dense), torch.compile(tn)
         for b in args.batches:
@@ -239,12 +240,13 @@ def run_model(name, ratio, args, device):
                   "report": report.to_dict()}
 
 
-_TARGETS = {  # (model, ratio, batch): max eval time ratio, from the project's speed issue
-    **{(m, 3.0, 32): 0.7 for m in TIMM + ["tt_lstm"]},
-    **{(m, 3.0, 1): 1.0 for m in TIMM + ["tt_lstm"]},
+_TARGETS = {  # (model, ratio, batch): max eval time ratio, from the project's speed issues (the
+    # deterministic default plan: resnet18 0.8 / 0.55; resnet34/50, convnext_tiny, vit_small, deit_tiny
+    # 1.0 / 0.7; the MNIST CNN at 8x 0.7 at batch 32)
+    **{(m, 3.0, 32): 0.7 for m in TIMM + ["tt_lstm", "resnet34", "deit_tiny_patch16_224"]},
+    **{(m, 3.0, 1): 1.0 for m in TIMM + ["tt_lstm", "resnet34", "deit_tiny_patch16_224"]},
     ("resnet18", 3.0, 32): 0.55, ("resnet18", 3.0, 1): 0.8,
-    ("vit_small_patch16_224", 3.0, 32): 0.6, ("vit_small_patch16_224", 3.0, 1): 0.9,
-    ("small_cnn", 8.0, 32): 0.6, ("small_cnn", 8.0, 1): 1.0,
+    ("small_cnn", 8.0, 32): 0.7, ("small_cnn", 8.0, 1): 1.0,
 }
 TARGETS = {(m, r, mode, b): v for (m, r, b), v in _TARGETS.items()
            for mode in ("eval", "eval, channels_last", "eval, TNConfig defaults", "eval, TNConfig time",
@@ -258,7 +260,8 @@ def _f2(v) -> str:
 def render(data) -> str:
     env = data["env"]
     lines = ["# Whole-model speed: tn_hf compressed vs dense", "",
-             f"torch {env.get('torch')}, {env.get('threads')} threads of {env.get('cores')} cores, device {env.get('device')}"
+             f"torch {env.get('torch')}, {env.get('threads')} threads of {env.get('cores')} cores, "
+             f"device {env.get('device')}"
              f"{', GPU ' + env['gpu'] if env.get('gpu') else ''}; timm {env.get('timm', '-')}. Random init; "
              "tn_hf.compress(TNConfig(compression_ratio=R, allocation=\"uniform\", plan_for_speed=True)): "
              "params budget, "
@@ -269,9 +272,11 @@ def render(data) -> str:
              "products over the NCHW maps (pointwise=\"gemm\") or by the conv kernel, also by measured time "
              "(the dense model's convs are the stock nn.Conv2d). Rows \"channels_last\": dense and TN models both "
              "converted with model.to(memory_format=torch.channels_last) before compress (the planner then "
-             "times layers in that format) and fed channels-last inputs. Eval: no_grad, dense and TN timed alternately in one process, "
+             "times layers in that format) and fed channels-last inputs. Eval: no_grad, dense and TN timed "
+             "alternately in one process, "
              "15 (batch 1) / 7 (batch 32) repeats, each repeat timing a run of calls at least "
-             f"{SAMPLE_SECONDS * 1e3:g} ms long (so sub-millisecond models are timed over many calls); train step: forward + backward + SGD step. "
+             f"{SAMPLE_SECONDS * 1e3:g} ms long (so sub-millisecond models are timed over many calls); "
+             "train step: forward + backward + SGD step. "
              "ms: medians; \"time TN/dense\" (and \"floor\"): the median over repeats of the TN time over the dense "
              "time of the same repeat, the ratio least moved by load that comes and goes on a shared machine; "
              "\"fastest\": ratio of the fastest repeats. "

@@ -23,15 +23,15 @@ import json
 import os
 import time
 
+import plots  # noqa: E402
 import torch
+from _results import environment  # noqa: E402
 from torch import nn
 from torch.nn import functional as F
 
 import tn_hf
 from tn_hf import TNConfig, demo
 from tn_hf.layers.base import TNLayer
-from _results import environment  # noqa: E402
-import plots  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JSON = os.path.join(HERE, "results", "tucker_mnist.json")

@@ -24,8 +24,12 @@ Examples (two CPU processes with gloo on accelerate 1.15:
 """
 from __future__ import annotations
 
-from _lib import data, flags, loop  # noqa: I001  (recipes/ is on sys.path when the script runs)
-from _lib import models  # noqa: F401  (registers resnet{20,32,44,56,110}_cifar with timm)
+from _lib import (  # noqa: I001  (recipes/ is on sys.path when the script runs)
+    data,
+    flags,
+    loop,
+    models,  # noqa: F401  (registers resnet{20,32,44,56,110}_cifar with timm)
+)
 
 RATIO = {20: 2.3, 32: 2.4, 56: 2.4}
 DEFAULTS = dict(dataset="cifar10", image_size=32, batch_size=128, compression_ratio=None, budget="params",

@@ -27,8 +27,8 @@ import os
 from pathlib import Path
 
 import torch
-
 from _lib import data, flags, loop, models, output  # noqa: I001  (recipes/ is on sys.path when the script runs)
+
 import tn_hf  # after _lib: it puts a source checkout on sys.path
 
 DEFAULTS = dict(dataset="mnist-5k", image_size=32, batch_size=32, compression_ratio=3.0, budget="params",

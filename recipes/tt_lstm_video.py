@@ -27,8 +27,12 @@ Examples (two CPU processes with gloo on accelerate 1.15:
 """
 from __future__ import annotations
 
-from _lib import data, flags, loop  # noqa: I001  (recipes/ is on sys.path when the script runs)
-from _lib import models  # noqa: F401  (registers lstm_video_classifier with timm)
+from _lib import (  # noqa: I001  (recipes/ is on sys.path when the script runs)
+    data,
+    flags,
+    loop,
+    models,  # noqa: F401  (registers lstm_video_classifier with timm)
+)
 
 DEFAULTS = dict(dataset="mnist-5k", image_size=28, mnist_image_size=28, batch_size=32, compression_ratio=8.0,
                 budget="params", rho=1e-3, update_every="epoch", dense_epochs=10, admm_epochs=20,

@@ -1,6 +1,5 @@
 """Shared pytest fixtures."""
 import pytest
-
 from hub_server import HubServer
 
 
@@ -15,7 +14,6 @@ def _own_cache(tmp_path_factory, monkeypatch):
 def hub(tmp_path, monkeypatch):
     """A local Hub-protocol server (tests/hub_server.py); huggingface_hub, transformers and timm
     talk to it instead of huggingface.co. Yields the HubServer (``.url``, ``.repos``, ``.auth``)."""
-    import huggingface_hub
     from huggingface_hub import constants, hf_api
 
     server = HubServer().start()
@@ -26,7 +24,8 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     # huggingface_hub reads these at import time
     monkeypatch.setattr(constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        server.url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)

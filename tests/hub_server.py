@@ -177,7 +177,8 @@ class _Handler(BaseHTTPRequestHandler):
             files = repo.commits[sha]
             return self._json(200, {
                 "id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private,
-                "siblings": [{"rfilename": p, "size": len(d), "blobId": _git_blob_sha(d)} for p, d in sorted(files.items())],
+                "siblings": [{"rfilename": p, "size": len(d), "blobId": _git_blob_sha(d)}
+                             for p, d in sorted(files.items())],
                 "tags": [], "downloads": 0, "likes": 0}, head=head)
         if action == "tree" and method == "GET":
             sha = repo.resolve(rev)

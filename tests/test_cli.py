@@ -211,6 +211,7 @@ def test_compress_forwards_the_allocation(monkeypatch, capsys):
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     import timm
+
     from tn_hf.convert import compress, preview
     capsys.readouterr()
     assert main(["compress", "test_resnet", "--random-init", "--ratio", "3", "--dry-run"]) == 0
@@ -222,7 +223,10 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     planned = preview(model, tn_hf.TNConfig(compression_ratio=3))
     assert not any(isinstance(m, TNLayer) for m in model.modules())  # nothing swapped
     done = compress(model, tn_hf.TNConfig(compression_ratio=3), progress=False)
-    strip = lambda r: {k: r[k] for k in ("name", "dense_params", "tn_params", "ranks", "flops_dense", "flops_tn")}
+
+    def strip(r):
+        return {k: r[k] for k in ("name", "dense_params", "tn_params", "ranks", "flops_dense", "flops_tn")}
+
     assert [strip(r) for r in planned.rows] == [strip(r) for r in done.rows]
     for r in planned.rows:
         assert r["name"] in text
@@ -248,6 +252,7 @@ def test_help_is_fast():
 def test_inspect_totals_equal_compress_totals(compressed_dir):
     """`tn-hf inspect` (header only) and compress count the same things."""
     import timm
+
     from tn_hf.cli import inspect_checkpoint
     model = timm.create_model(f"local-dir:{compressed_dir}", pretrained=True)
     live = CompressionReport.from_model(model).totals

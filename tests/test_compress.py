@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import tn_hf
-from tn_hf.targeting import plan
 from tn_hf.layers.base import TNLayer
+from tn_hf.targeting import plan
 
 
 class CNN(nn.Module):
@@ -149,7 +149,8 @@ def test_flops_budget_and_report_json():
 def test_no_target_error_names_conv_subclasses_with_their_own_forward():
     class StdConv(nn.Conv2d):  # weight-standardized, as timm's StdConv2d
         def forward(self, x):
-            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5)
+            w = ((self.weight - self.weight.mean((1, 2, 3), keepdim=True))
+                 / (self.weight.std((1, 2, 3), keepdim=True) + 1e-5))
             return torch.nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
 
     m = nn.Sequential(nn.Conv2d(3, 64, 3), StdConv(64, 64, 3), StdConv(64, 64, 3))

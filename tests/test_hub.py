@@ -4,7 +4,6 @@ import json
 import pytest
 import torch
 import yaml
-from torch import nn
 
 import tn_hf
 from tn_hf.cards import write_model_card

@@ -111,7 +111,8 @@ def test_a_plan_for_another_model_is_refused():
         tn_hf.compress(other, p, progress=False)
     wider = _net()
     wider.b = nn.Conv2d(64, 32, 3, padding=1)
-    with pytest.raises(PlanError, match=r"module 'b' \(Conv2d\) does not fit its spec: out_channels=64"):
+    with pytest.raises(PlanError,
+                       match=r"module .b. \(Conv2d\) does not fit its spec: out_channels=64 in the plan, 32"):
         tn_hf.compress(wider, p, progress=False)
     assert type(wider.a) is nn.Conv2d  # nothing swapped
 
@@ -232,6 +233,24 @@ def test_cli_compress_saves_and_reuses_a_plan(tmp_path, monkeypatch, capsys):
     assert cli.main(["compress", "x", "--plan", str(plan_file), "--out", str(tmp_path / "out")]) == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert set(config["tn_hf"]["specs"]) == set(saved.specs)
-    with pytest.raises(SystemExit):
-        cli.main(["compress", "x", "--plan", str(plan_file), "--ratio", "3", "--dry-run"])
+    capsys.readouterr()
+    assert cli.main(["compress", "x", "--plan", str(plan_file), "--ratio", "3", "--dry-run"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_keep_rng_saves_the_generators_of_the_devices_the_model_is_on(monkeypatch):
+    """CUDA stand-in: a model whose parameters say they are on cuda:1 gets that device's generator saved
+    and restored too (torch.random.fork_rng with device_type="cuda"); a CPU model only the CPU's."""
+    from tn_hf.layers.base import keep_rng
+    seen = []
+    monkeypatch.setattr(torch.random, "fork_rng", lambda **kw: seen.append(kw) or "ctx")
+
+    class _P:
+        device = torch.device("cuda", 1)
+
+    class _Model:
+        def parameters(self):
+            return iter([_P(), _P()])
+    assert keep_rng(_Model()) == "ctx" and seen[-1] == {"devices": [1], "device_type": "cuda"}
+    keep_rng(_net())
+    assert seen[-1] == {"devices": []}

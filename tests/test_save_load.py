@@ -3,12 +3,11 @@ import json
 
 import pytest
 import torch
+from nets import Seq
 from torch import nn
 
 import tn_hf
 from tn_hf.layers.base import TNLayer
-
-from nets import Seq
 
 CFG = dict(ranks=4, min_params=1000)
 

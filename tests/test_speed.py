@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tn_hf.layers import TTConv2d, conv as conv_mod
+from tn_hf.layers import TTConv2d
+from tn_hf.layers import conv as conv_mod
 
 D = torch.float64
 
@@ -427,13 +428,14 @@ def test_time_allocation_may_keep_dense_the_layer_where_params_cost_least(monkey
     assert 2.0 <= (64 * 64 * 9 + 64 * 256) / (64 * 256 + sum(c.numel() for c in m.b.cores)) <= 2.2
 
 
-def test_time_allocation_without_input_shapes_is_uniform(monkeypatch):
+def test_time_allocation_without_input_shapes_raises(monkeypatch):
     calls = _fake_costs(monkeypatch, lambda spec, shape: 0.5)
     m = _Net().eval()
-    del m.pretrained_cfg  # no declared input size: nothing can be timed
-    rows = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, allocation="time", target_modules=["b", "fc1"]),
-                          progress=False).rows
-    assert calls == [] and all(2.9 <= r["ratio"] <= 3.3 for r in rows), rows
+    del m.pretrained_cfg  # no declared input size: nothing can be timed (not silently uniform)
+    with pytest.raises(ValueError, match=r"allocation='time'.*input size.*TNConfig\(input_size="):
+        tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, allocation="time", target_modules=["b", "fc1"]),
+                       progress=False)
+    assert calls == [] and type(m.b) is nn.Conv2d and type(m.fc1) is nn.Linear  # nothing swapped
 
 
 def test_size_check_rejects_tn_larger_than_dense():
@@ -589,7 +591,8 @@ def test_pointwise_gemm_equals_the_conv_kernel(cls_name, kernel_mode, dims, kern
     cls = registry[cls_name]
     ranks = [2, 3, 1 if kernel == 1 else 2, 2, 2] if cls_name == "TuckerConv2d" else 3
     ref = cls(8, 12, kernel, stride=stride, padding=padding, ranks=ranks, in_factors=(2, 4) if kernel_mode == "own"
-              else None, out_factors=(3, 4), kernel_mode=kernel_mode).to(D)
+              else None, out_factors=(3, 4), kernel_mode=kernel_mode,
+              **({"pointwise": "conv"} if "gemm" in getattr(cls, "pointwise_modes", ()) else {})).to(D)
     spec = dict(ref.spec(), pointwise="gemm")
     gemm = layer_from_spec(spec).to(D)
     gemm.load_state_dict(ref.state_dict())

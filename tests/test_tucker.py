@@ -8,13 +8,26 @@ from torch import nn
 from torch.nn import functional as F
 
 import tn_hf
-from tn_hf.decompositions import (project, tucker_params, tucker_project, tucker_ranks, tucker_ranks_for_ratio,
-                                  tucker_svd, tucker_to_full)
-from tn_hf.layers import (TuckerConv1d, TuckerConv2d, TuckerConv3d, TuckerGRU, TuckerLinear, TuckerLSTM,
-                          layer_from_spec, tn_class_for)
+from tn_hf.decompositions import (
+    project,
+    tucker_params,
+    tucker_project,
+    tucker_ranks,
+    tucker_ranks_for_ratio,
+    tucker_svd,
+    tucker_to_full,
+)
+from tn_hf.layers import (
+    TuckerConv1d,
+    TuckerConv2d,
+    TuckerConv3d,
+    TuckerGRU,
+    TuckerLinear,
+    TuckerLSTM,
+    layer_from_spec,
+    tn_class_for,
+)
 from tn_hf.layers.base import TNLayer
-
-from nets import Seq
 
 
 def _close(a, b, tol=1e-10):

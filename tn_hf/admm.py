@@ -7,17 +7,17 @@ Scaled augmented Lagrangian, per target ``l``::
 
 * W-step, two forms (``w_step``):
 
-  - ``"prox"`` (default without an explicit ``rho``; forward-backward splitting): the optimizer takes its ordinary step on
-    the loss, then ``step()`` applies the proximal operator of the penalty::
+  - ``"prox"`` (default without an explicit ``rho``; forward-backward splitting): the optimizer takes its
+    ordinary step on the loss, then ``step()`` applies the proximal operator of the penalty::
 
         W <- (W + rho * (Z - U)) / (1 + rho)
 
     Here ``rho`` is dimensionless (it is ``lr * rho`` of the gradient form): each step closes the
     fraction ``rho / (1 + rho)`` of the gap to ``Z - U``, whatever the optimizer, learning rate,
     gradient clipping or weight scale. One default therefore fits SGD, Adam, any model.
-  - ``"grad"`` (the paper's form; the default when ``rho`` is given): ``prox_grad_()`` adds ``rho * (W - Z + U)`` to ``W.grad`` before
-    the optimizer step (``penalty()`` is the same term as a differentiable tensor); ``rho`` is in
-    the units of the loss gradient.
+  - ``"grad"`` (the paper's form; the default when ``rho`` is given): ``prox_grad_()`` adds
+    ``rho * (W - Z + U)`` to ``W.grad`` before the optimizer step (``penalty()`` is the same term as a
+    differentiable tensor); ``rho`` is in the units of the loss gradient.
 
 * Z-step (every ``update_every`` optimizer steps, or per epoch)::
 
@@ -53,11 +53,10 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from accelerate.utils import extract_model_from_parallel
 from safetensors import safe_open
 from safetensors.torch import load_file, save
+from torch import nn
 from tqdm.auto import tqdm
 
 from . import decompositions as D
@@ -67,7 +66,7 @@ from .decompositions import ranks_for_ratio
 from .layers import TNLayer, registry
 from .layers.base import normalize_ranks
 from .plans import as_plan_or_config
-from .targeting import LAYOUT_KEYS, resolve
+from .targeting import resolve
 
 STATE_TENSORS = "admm_state.safetensors"
 STATE_JSON = "admm_state.json"
@@ -254,8 +253,11 @@ class ADMMScheduler:
             modes = tuple(cls.tensorize(w.detach(), spec).shape)
             if spec.get("ranks") is not None:
                 ranks = normalize_ranks(spec["ranks"], modes, cls.format, f"{t.name}.{wname}")
-            else:  # recurrent leaves at a ratio: what from_dense(compression_ratio=...) picks
-                ranks = ranks_for_ratio(modes, self.config.compression_ratio, cls.format)
+            else:  # recurrent leaves at a ratio (the plan's for this layer): what from_dense picks
+                ratio = t.spec.get("compression_ratio", self.config.compression_ratio)
+                if ratio is None:
+                    raise ValueError(f"ADMMScheduler: target {t.name!r} has neither ranks nor a ratio in its plan")
+                ranks = ranks_for_ratio(modes, float(ratio), cls.format)
             name = t.name if len(weights) == 1 else f"{t.name}.{wname}"
             out.append(_Slot(name, t.name, w, cls, spec, list(ranks)))
         return out
@@ -524,9 +526,10 @@ class ADMMScheduler:
             else:  # recurrent: one int for all its matrices (largest internal rank)
                 ranks[s.target] = max(ranks.get(s.target, 1), max(s.ranks[1:-1] or [1]))
         d = self.config.to_dict()
-        d.update(ranks=ranks, compression_ratio=None, rel_error=None, target_modules=list(ranks))
+        d.update(ranks=ranks, compression_ratio=None, rel_error=None, max_rank=None, target_modules=list(ranks),
+                 budget="auto", allocation="global")  # (fixed ranks: nothing to allocate)
         modes = {s.target: s.spec.get("kernel_mode", "own") for s in self.slots
-                 if s.name == s.target and getattr(s.cls, "kernel_modes", None)}
+                 if s.name == s.target and len(getattr(s.cls, "kernel_modes", ())) > 1}
         if modes:  # the conv layouts the plan chose
             d.update(kernel_mode=modes)
         return TNConfig.from_dict(d)

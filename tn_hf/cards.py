@@ -18,8 +18,9 @@ from .serialization import CARD_MARKER
 
 TEMPLATE = "model_card.md"
 FIGURE = "compression.png"
-FORMAT_LONG = {"tt": "Tensor-Train", "tr": "Tensor-Ring", "tucker": "Tucker"}
-FORMAT_TAG = {"tt": "tensor-train", "tr": "tensor-ring", "tucker": "tucker-decomposition"}
+FORMAT_LONG = {"tt": "Tensor-Train", "tr": "Tensor-Ring", "tucker": "Tucker", "bt": "Block-Term"}
+FORMAT_TAG = {"tt": "tensor-train", "tr": "tensor-ring", "tucker": "tucker-decomposition",
+              "bt": "block-term-decomposition"}
 LIBRARIES = ("transformers", "timm", "pytorch")
 
 
@@ -30,7 +31,8 @@ def _as_report_dict(model, report) -> dict[str, Any]:
         return report.to_dict()
     if isinstance(report, dict) and "rows" in report:
         return report
-    raise ValueError(f"write_model_card: report must be a CompressionReport or its to_dict(), got {type(report).__name__}")
+    raise ValueError("write_model_card: report must be a CompressionReport or its to_dict(), "
+                     f"got {type(report).__name__}")
 
 
 # ----------------------------------------------------------------------------- figure

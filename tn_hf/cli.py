@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from .config import FORMATS
 from .extras import MissingExtra
 
 PROG = "tn-hf"
@@ -210,7 +211,8 @@ def cmd_compress(args) -> int:
     try:
         cfg = Plan.load(args.plan) if args.plan else TNConfig(
             format=args.format, compression_ratio=args.ratio, plan_for_speed=not args.no_speed_plan,
-            allocation=args.allocation, target_modules=args.targets or None, exclude_modules=args.exclude or None)
+            allocation=args.allocation, budget=args.budget, target_modules=args.targets or None,
+            exclude_modules=args.exclude or None)
     except (OSError, ValueError) as e:
         raise UserError(str(e)) from None
     # a dry run plans on the architecture: no pretrained weights are downloaded for it
@@ -277,7 +279,7 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
-    from .config import ALLOCATIONS
+    from .config import ALLOCATIONS, BUDGETS
     p = _Parser(prog=PROG, description="Tensor-Train / Tensor-Ring compression for Hugging Face and timm models.")
     p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{compress,inspect,push,demo}",
@@ -288,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "replace its target layers by TT/TR layers at the given compression "
                                    "ratio, print the per-layer report and save the checkpoint + model card.")
     c.add_argument("source", metavar="SOURCE", help="timm model name, checkpoint folder, or Hub id")
-    c.add_argument("--format", choices=("tt", "tr", "tucker"), default="tt",
+    c.add_argument("--format", choices=FORMATS, default="tt",
                    help="tensor-network format (default tt)")
     c.add_argument("--ratio", type=_ratio, help="compression ratio of the target layers (> 1)")
     c.add_argument("--plan", metavar="FILE", help="a saved plan (JSON, from --save-plan or tn_hf.plan/tune(...).save)"
@@ -308,9 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "shapes, the same on every machine) picks each layer's form and keeps dense the layers "
                         "it estimates not faster as TN")
     c.add_argument("--allocation", choices=ALLOCATIONS, default="global",
-                   help="how the ratio's parameter budget is spread over the layers: global (by weight spectra, "
-                        "FLOPs cut by the ratio too unless --no-speed-plan), "
-                        "uniform (every layer at the ratio) or time (where it saves the most estimated time)")
+                   help="how the ratio's budget is spread over the layers: global (by weight spectra, within "
+                        "--budget), uniform (every layer at the ratio in params) or time (the params budget where it "
+                        "saves the most estimated time; needs the model's input size)")
+    c.add_argument("--budget", choices=BUDGETS, default="auto",
+                   help="what --ratio divides: auto (params, and FLOPs too where the input size is known, with "
+                        "--allocation global and the speed plan), params, params+flops, flops, or latency "
+                        "(estimated time per layer); tucker and bt: auto or params")
     c.add_argument("--dry-run", action="store_true",
                    help="print the per-layer plan (params, FLOPs, ranks) without decomposing or writing; timm "
                         "names and Hub ids are planned on their architecture (no weights downloaded)")

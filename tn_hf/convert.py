@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cost import kept_dense_row
 from .decompositions import ranks_for_ratio
 from .layers import is_unsupported_subclass, layer_from_spec, registry
 from .layers.base import TNLayer, keep_rng
-from .cost import kept_dense_row
 from .layers.tucker import tie_shared_cores
 from .report import CompressionReport, flops, layer_row, n_stored, probe, rel_error
 from .serialization import CheckpointError, check_specs
@@ -52,6 +52,8 @@ def _decompose(t, config) -> TNLayer:
     else:  # planned ranks and factors
         kw.update(ranks=t.spec["ranks"], in_factors=t.spec.get("in_factors"), out_factors=t.spec.get("out_factors"))
     kw.update({k: t.spec[k] for k in FORM_KEYS if k in t.spec})  # the conv layout / 1x1 kernel the plan chose
+    if getattr(t.cls, "pointwise_modes", None):
+        kw.setdefault("pointwise", "conv")  # a spec without the key means the conv kernel (as layer_from_spec)
     p = next(t.module.parameters())
     src = t.module if p.dtype in (torch.float32, torch.float64) else copy.deepcopy(t.module).float()
     with torch.no_grad():
@@ -155,7 +157,7 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
         raise ValueError(f"compress: no module of {type(model).__name__} is a target for {config} "
                          "(all too small, skipped by default, or excluded)" + _subclass_hint(model))
     bar.set_description_str("tn_hf compress: probing input shapes")
-    probed = probe(model, [t.name for t in targets] + list(kept))
+    probed = probe(model, [t.name for t in targets] + list(kept), config.input_size)
     specs = dict(getattr(model, "tn_hf_specs", None) or {})
     rows = []
     bar.bar_format = None
@@ -199,7 +201,7 @@ def preview(model: nn.Module, config) -> CompressionReport:
     if config.rel_error is not None:
         raise ValueError("preview: TNConfig(rel_error=...) fixes the ranks only when decomposing; "
                          "use ranks= or compression_ratio=")
-    probed = probe(model, [t.name for t in targets] + list(kept))
+    probed = probe(model, [t.name for t in targets] + list(kept), config.input_size)
     rows = []
     for t in targets:
         spec = copy.deepcopy(t.spec)

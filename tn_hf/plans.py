@@ -61,8 +61,8 @@ class Plan:
         if version != PLAN_VERSION:
             raise PlanError(f"{where}: plan_version {version!r}; this tn_hf reads version {PLAN_VERSION}")
         try:
-            config = TNConfig.from_dict(d.get("config"))
-        except (TypeError, ValueError) as e:
+            config = TNConfig.from_dict(d.get("config"))  # type: ignore[arg-type]  # not a dict: TypeError below
+        except (TypeError, ValueError, AttributeError) as e:
             raise PlanError(f"{where}: bad 'config': {e}") from None
         specs, kept, notes = d.get("specs"), d.get("kept_dense") or {}, d.get("notes") or {}
         if not isinstance(specs, dict) or not all(isinstance(k, str) and isinstance(v, dict) and isinstance(
@@ -120,7 +120,8 @@ class Plan:
     def summary(self) -> str:
         how = "reference cost model" if self.tuned is None else \
             f"tuned on {self.tuned.get('device')} ({self.tuned.get('dtype')}, batches {self.tuned.get('batch_sizes')})"
-        return f"Plan for {self.model or 'a model'}: {len(self.specs)} TN targets, {len(self.kept_dense)} kept dense; {how}"
+        return (f"Plan for {self.model or 'a model'}: {len(self.specs)} TN targets, "
+                f"{len(self.kept_dense)} kept dense; {how}")
 
 
 def as_plan_or_config(value) -> Plan | TNConfig:

@@ -5,8 +5,8 @@ flops_tn`` and, for a layer that did not reach the requested ratio or that the s
 though slower than dense at batch 1, a ``note`` saying why.
 Totals: over the compressed layers (``target_*``) and over the whole model (``model_*``: every
 value the checkpoint stores, parameters and buffers, as ``tn-hf inspect`` reads them from the
-safetensors header), plus the requested ratio. A report is built by ``compress`` (with errors and FLOPs), from a live model
-(``from_model``) or from a checkpoint's specs and safetensors header (``from_checkpoint``, no
+safetensors header), plus the requested ratio. A report is built by ``compress`` (with errors and
+FLOPs), from a live model (``from_model``) or from a checkpoint's specs and safetensors header (``from_checkpoint``, no
 weights read).
 
 FLOPs (the layers' own ``flops``/``dense_flops``, 2 per multiply-add): when the model declares a
@@ -65,7 +65,8 @@ def layer_row(name: str, layer, spec: dict, dense_module: nn.Module | None = Non
     replaces, whose parameters (bias included) are then the dense count."""
     dense = n_params(dense_module) if dense_module is not None else int(layer.dense_params())
     tn = n_params(layer)
-    row = {"name": name, "type": layer.dense_type.__name__, "tn_type": type(layer).__name__,
+    row = {"name": name, "type": type(dense_module).__name__ if dense_module is not None else layer.dense_type.__name__,
+           "tn_type": type(layer).__name__,
            "dense_params": dense, "tn_params": tn, "ratio": dense / max(tn, 1), "ranks": ranks_of(spec),
            "rel_error": None, "flops_dense": None, "flops_tn": None}
     row.update(extra)
@@ -272,9 +273,9 @@ def markdown_text(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- FLOPs
-def _default_input(model) -> torch.Tensor | None:
+def _default_input(model, input_size=None) -> torch.Tensor | None:
     cfg = getattr(model, "pretrained_cfg", None)
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
+    size = input_size or (cfg.get("input_size") if isinstance(cfg, dict) else None)
     if not size:
         return None
     p = next(model.parameters(), None)
@@ -298,10 +299,12 @@ def is_channels_last(x: torch.Tensor) -> bool:
     return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
 
 
-def probe(model, names: list[str]) -> dict[str, Probed]:
-    """{name: Probed} from one forward on a zero input (in the model's memory format: channels-last
-    when a 4-d/5-d weight of the model is, as after ``model.to(memory_format=torch.channels_last)``)."""
-    x = _default_input(model)
+def probe(model, names: list[str], input_size=None) -> dict[str, Probed]:
+    """{name: Probed} from one forward on a zero input of batch 1 and ``input_size`` per sample (default:
+    the model's declared ``pretrained_cfg["input_size"]``, as timm models have), in the model's memory
+    format (channels-last when a 4-d/5-d weight of the model is, as after
+    ``model.to(memory_format=torch.channels_last)``)."""
+    x = _default_input(model, input_size)
     if x is None:
         return {}
     out: dict[str, Probed] = {}

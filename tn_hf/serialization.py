@@ -173,6 +173,14 @@ def _interface(obj, keys) -> dict:
     return {k: _norm(get(k)) for k in keys}
 
 
+def interface_diff(spec: dict, module: nn.Module) -> dict[str, tuple]:
+    """{key: (spec's value, module's value)} for the interface keys (shapes, stride, padding, ...) on
+    which a TN layer spec and the dense module it replaces differ (empty when the spec fits)."""
+    keys = [k for k in _INTERFACE if k in spec and hasattr(module, k)]
+    have, want = _interface(spec, keys), _interface(module, keys)
+    return {k: (have[k], want[k]) for k in keys if have[k] != want[k]}
+
+
 def check_specs(model: nn.Module, specs, where: str = "checkpoint") -> None:
     """Every spec is well-formed data and fits the module it replaces (no allocation)."""
     if not isinstance(specs, dict) or not specs:
@@ -193,9 +201,7 @@ def check_specs(model: nn.Module, specs, where: str = "checkpoint") -> None:
         if spec["class"] != expected.__name__:
             raise CheckpointError(f"{where}: module {name!r} is a {type(module).__name__}; spec class "
                                   f"{spec['class']!r} would change its interface (valid: {expected.__name__})")
-        keys = [k for k in _INTERFACE if k in spec and hasattr(module, k)]
-        have, want = _interface(spec, keys), _interface(module, keys)
-        diff = {k: (have[k], want[k]) for k in keys if have[k] != want[k]}
+        diff = interface_diff(spec, module)
         if diff:
             raise CheckpointError(f"{where}: module {name!r}: spec changes the {type(module).__name__}'s "
                                   "interface: " + ", ".join(f"{k}={a!r} (module has {b!r})"
@@ -590,7 +596,7 @@ def load_weights(model: nn.Module, path, header: dict | None = None, *, skip: tu
         raise CheckpointError(f"cannot read weights file {path} (corrupt or truncated safetensors?): {e}") from e
     state = {k: v for k, v in state.items() if k in header}
     warn_non_finite(state, path)
-    for first, names in _expected_entries(model).items():
+    for _, names in _expected_entries(model).items():
         src = next((n for n in names if n in state), None)
         if src is not None:
             for n in names:

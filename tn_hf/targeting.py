@@ -14,22 +14,26 @@ Every skip is logged (``logging`` at DEBUG, logger ``tn_hf.targeting``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from .config import TNConfig
 from ._version import __version__
+from .config import TNConfig
 from .cost import PLAN_BATCHES, CostModel, device_name, plan_for_speed
 from .decompositions import allocate_ranks
 from .layers import SUPPORTED_TYPES, layer_type, registry, tn_class_for
-from .layers.base import keep_rng, n_params, normalize_ranks
+from .layers.base import TNLayer, keep_rng, n_params, normalize_ranks
+from .layers.bt import plan_bt
 from .layers.tucker import plan_tucker
 from .plans import Plan, PlanError, as_plan_or_config
 from .report import probe
+from .serialization import interface_diff
 
 logger = logging.getLogger(__name__)
 _HEAD_NAMES = ("classifier", "head", "heads", "lm_head", "score")
@@ -46,7 +50,7 @@ class Target:
     what the speed planner has to say about its form, for the report)."""
     name: str
     module: nn.Module
-    cls: type
+    cls: type[TNLayer]
     spec: dict
     note: str | None = None
 
@@ -157,27 +161,48 @@ def _skip_reason(model, name, module, config: TNConfig, explicit, excluded, shar
 
 
 # ----------------------------------------------------------------------------- plan
-def plan(model: nn.Module, config) -> Plan:
+def _with_inputs(config, input_size, example_inputs) -> TNConfig:
+    """``config`` with ``input_size`` set from the arguments (``example_inputs``: a tuple holding one
+    batched tensor, as torch.export takes; its shape without the batch dimension)."""
+    config = as_config(config)
+    if example_inputs is not None:
+        xs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        if len(xs) != 1 or not hasattr(xs[0], "shape") or len(xs[0].shape) < 2:
+            raise ValueError("example_inputs: a tuple holding one batched input tensor, (x,); for other inputs "
+                             "give input_size= (one sample's shape)")
+        input_size = list(xs[0].shape[1:])
+    if input_size is not None:
+        config = dataclasses.replace(config, input_size=[int(v) for v in input_size])
+    return config
+
+
+def plan(model: nn.Module, config, *, input_size=None, example_inputs=None) -> Plan:
     """The deterministic plan of ``compress(model, config)``: which modules become which TN layers at
     which ranks (allocated where the config allows) and which stay dense, and why. Decided by rules
     and the reference cost model from the layers' shapes (``tn_hf.cost``): the same plan in every
     process, on every machine, at any thread count. Nothing is timed; the caller's random streams
-    are untouched. Save it (``plan.save(path)``) to reuse it, or measure with ``tune``."""
-    config = as_config(config)
+    are untouched. Save it (``plan.save(path)``) to reuse it, or measure with ``tune``.
+
+    The speed planner needs the input size: timm models declare it; for others give ``input_size=``
+    (one sample's shape, e.g. ``(1, 28, 28)``) or ``example_inputs=(x,)`` (as torch.export takes), or
+    ``TNConfig(input_size=...)``; it is recorded in the plan's config."""
+    config = _with_inputs(config, input_size, example_inputs)
     with keep_rng(model):
         targets, kept = select(model, config)
     return _as_plan(model, config, targets, kept)
 
 
-def tune(model: nn.Module, config, *, device=None, batch_sizes=PLAN_BATCHES, dtype=None, cache=None) -> Plan:
+def tune(model: nn.Module, config, *, device=None, batch_sizes=PLAN_BATCHES, dtype=None, cache=None,
+         input_size=None, example_inputs=None) -> Plan:
     """Like ``plan``, with every candidate form timed on ``device`` (default: the model's) in ``dtype``
     (default: the model's) at ``batch_sizes``, instead of the reference cost model: the fastest plan
     for that machine, recorded in ``Plan.tuned``. Times are cached in ``cache`` (default
     ``$TN_HF_CACHE/cost.json``). Under torch.distributed process 0 measures and every process gets
-    its plan. Needs ``compression_ratio=`` (fixed ranks leave nothing to choose)."""
+    its plan. Needs ``compression_ratio=`` (fixed ranks leave nothing to choose); ``input_size`` /
+    ``example_inputs`` as for ``plan``."""
     import torch
 
-    config = as_config(config)
+    config = _with_inputs(config, input_size, example_inputs)
     if config.compression_ratio is None:
         raise ValueError("tune: the planner chooses ranks and forms for a compression_ratio=; with ranks= or "
                          "rel_error= there is nothing to measure (use tn_hf.plan)")
@@ -221,7 +246,7 @@ def targets_of(model: nn.Module, p: Plan) -> list[Target]:
         if module is None:
             raise PlanError(f"plan (for {p.model or 'a model'}) targets {name!r}, which {type(model).__name__} does "
                             f"not have; some of its module names: {[n for n in modules if n][:20]}")
-        cls = registry.get(spec.get("class"))
+        cls = registry.get(str(spec.get("class")))
         try:
             expected = tn_class_for(module, p.config.format)
         except ValueError as e:
@@ -230,15 +255,15 @@ def targets_of(model: nn.Module, p: Plan) -> list[Target]:
             raise PlanError(f"plan: module {name!r} is a {type(module).__name__}: its TN class for format "
                             f"{p.config.format!r} is {expected.__name__}, the plan says {spec.get('class')!r}")
         where = f"plan: module {name!r} ({type(module).__name__}) does not fit its spec: "
-        fits = cls.dense_spec(module)  # the module's interface (shapes, stride, ...), default layout
-        diff = {k: (spec.get(k), v) for k, v in fits.items()
-                if k not in (*LAYOUT_KEYS, "ranks", "weights", "compression_ratio") and spec.get(k) != v}
+        diff = interface_diff(spec, module)  # shapes, stride, padding, ...
         if diff:
-            raise PlanError(where + ", ".join(f"{k}={a!r} in the plan, {b!r} in the model" for k, (a, b) in diff.items()))
-        try:
-            cls.dense_spec(module, **{k: spec[k] for k in LAYOUT_KEYS if k in spec})  # its layout fits too
-        except (TypeError, ValueError) as e:
-            raise PlanError(where + str(e)) from None
+            raise PlanError(where + ", ".join(f"{k}={a!r} in the plan, {b!r} in the model"
+                                              for k, (a, b) in diff.items()))
+        if not cls.composite:
+            try:
+                cls.dense_spec(module, **{k: spec[k] for k in LAYOUT_KEYS if k in spec})  # its layout fits too
+            except (TypeError, ValueError) as e:
+                raise PlanError(where + str(e)) from None
         out.append(Target(name, module, cls, spec, p.notes.get(name)))
     order = {n: i for i, n in enumerate(modules)}
     return sorted(out, key=lambda t: order[t.name])
@@ -277,7 +302,7 @@ def select(model: nn.Module, config: TNConfig, timer=None) -> tuple[list[Target]
             ranks = rank_dict[key]
         elif config.ranks is not None:
             ranks = config.ranks
-        kw = {"compress_hidden": config.compress_hidden} if cls.composite else {}
+        kw: dict[str, Any] = {"compress_hidden": config.compress_hidden} if cls.composite else {}
         if getattr(cls, "kernel_modes", None):
             kw["kernel_mode"] = kernel_mode_for(config, name)
         try:
@@ -292,12 +317,12 @@ def select(model: nn.Module, config: TNConfig, timer=None) -> tuple[list[Target]
         types = sorted({type(m).__name__ for n, m in model.named_modules()
                         if any(_matches_one(n, p) for p in explicit)})
         raise ValueError(f"target_modules {explicit} match only modules of types {types}, none of which can be "
-                         f"compressed; supported types: {list(SUPPORTED_TYPES)} (layer_types={config.layer_types})"
-                         + ("; transformers' Conv1D (GPT-2 style) is not supported yet" if "Conv1D" in types else ""))
-    if config.format == "tucker":  # per-layer ranks / ADA reshaping / shared core (layers.tucker)
-        plan_tucker(targets, config)
+                         f"compressed; supported types: {list(SUPPORTED_TYPES)} (layer_types={config.layer_types})")
+    if config.format in ("tucker", "bt"):  # ranks from the spectra (layers.tucker / layers.bt), no speed planner
+        (plan_tucker if config.format == "tucker" else plan_bt)(targets, config)
     elif config.compression_ratio is not None and targets:
-        probed = probe(model, [t.name for t in targets])  # one probe forward for allocation and planner
+        probed = probe(model, [t.name for t in targets], config.input_size)  # feeds allocation and planner
+        _check_sizes_known(model, config, probed)
         if config.budget != "latency":  # latency: the speed planner picks the ranks
             _allocate(model, targets, config, probed)
         # the speed planner keeps dense what is not smaller (or, measured, not faster)
@@ -328,9 +353,24 @@ def _normalize_spec_ranks(cls, spec: dict) -> None:
             leaf["ranks"] = normalize_ranks(r, lcls._modes(leaf), lcls.format, leaf["class"])
 
 
+def _check_sizes_known(model: nn.Module, config: TNConfig, probed: dict) -> None:
+    """The FLOPs budgets and the time allocation need the targets' input shapes (``probed`` empty:
+    the model's input size is unknown, or its probe forward failed)."""
+    need = (("allocation='time'", "allocation='global' / 'uniform'") if config.allocation == "time" else
+            (f"budget={config.budget!r}", "budget='auto' / 'params'") if config.budget in ("flops", "params+flops")
+            else None)
+    if need and not probed:
+        raise ValueError(f"TNConfig({need[0]}) needs the input size of {type(model).__name__}, which declares none "
+                         "(or its forward on a zero input of that size failed): give one sample's shape, "
+                         "TNConfig(input_size=[3, 224, 224]) or tn_hf.plan(model, config, input_size=...) / "
+                         f"example_inputs=(x,), or use {need[1]}")
+
+
 def _allocate(model, targets: list[Target], config: TNConfig, probed: dict) -> None:
     """Joint rank allocation (decompositions.allocate_ranks) over the tensorized weights; ``probed``
-    (``report.probe``) gives the output positions the FLOPs budgets count."""
+    (``report.probe``) gives the output positions the FLOPs budgets count. ``budget="auto"``:
+    "params+flops" for the global allocation planning for speed where every weight's input shape is
+    known, else "params"."""
     allocation = "uniform" if config.allocation == "time" else config.allocation
     tensors, fpp = {}, {}
     for t in targets:
@@ -342,9 +382,10 @@ def _allocate(model, targets: list[Target], config: TNConfig, probed: dict) -> N
     if not tensors:
         return
     budget = config.budget
-    if (budget == "params" and allocation == "global" and config.plan_for_speed
-            and all(n in probed for n in tensors)):  # planning for speed: FLOPs at the ratio too
-        budget = "params+flops"
+    if budget == "auto":
+        speed = allocation == "global" and config.plan_for_speed and all(n in probed for n in tensors)
+        budget = "params+flops" if speed else "params"
+    assert config.compression_ratio is not None  # (allocation runs for a ratio only)
     ranks = allocate_ranks(tensors, format=config.format, compression_ratio=config.compression_ratio,
                            budget=budget, flops_per_param=fpp if budget != "params" else None,
                            allocation=allocation)

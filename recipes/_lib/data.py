@@ -159,7 +159,8 @@ def cifar(args):
     """torchvision CIFAR-10/100 from an existing ``--data-dir`` (nothing is downloaded), or MNIST-5k."""
     if args.dataset == "mnist-5k":
         return mnist_images(args.image_size)
-    from torchvision import datasets, transforms as T
+    from torchvision import datasets
+    from torchvision import transforms as T
     cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}.get(args.dataset)
     if cls is None:
         raise SystemExit(f"--dataset {args.dataset!r}: valid choices are cifar10, cifar100, mnist-5k")

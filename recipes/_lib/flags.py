@@ -38,11 +38,14 @@ def make_parser(description: str, *, defaults: dict, sgd_loop: bool = True) -> a
     g.add_argument("--format", choices=("tt", "tr"), default="tt", help="tensor format")
     g.add_argument("--compression-ratio", type=float, default=d["compression_ratio"],
                    help="dense / compressed size of the targeted layers (measured in --budget)")
-    g.add_argument("--budget", choices=("params", "flops"), default=d.get("budget", "params"),
-                   help="what --compression-ratio counts")
+    g.add_argument("--budget", choices=("params", "flops"), default=d.get("budget"),
+                   help="what --compression-ratio counts (default: TNConfig's)")
     g.add_argument("--no-speed-plan", action="store_true",
-                   help="choose ranks by size alone (deterministic); by default layers are timed on this "
-                        "machine and those not faster as TN stay dense")
+                   help="choose ranks by size alone; by default the reference cost model (from the layers' "
+                        "shapes, the same on every machine) keeps dense the layers it estimates not faster as TN")
+    g.add_argument("--plan", metavar="FILE", default=None,
+                   help="a saved tn_hf plan (JSON from tn_hf.plan/tn_hf.tune(...).save or tn-hf compress "
+                        "--save-plan): ADMM trains for exactly its ranks; the compression flags are then unused")
     g.add_argument("--rho", type=float, default=d.get("rho", 1e-3), help="ADMM penalty rho")
     g.add_argument("--update-every", type=update_every, default=d.get("update_every", "epoch"),
                    help="ADMM Z/U update period: an int (optimizer steps) or 'epoch'")
@@ -97,7 +100,11 @@ def update_every(value: str):
     return n
 
 
-def tn_config(args, **extra) -> tn_hf.TNConfig:
-    """The recipe's ``tn_hf.TNConfig`` from the compression flags (+ e.g. ``layer_types``)."""
+def tn_config(args, **extra) -> tn_hf.TNConfig | tn_hf.Plan:
+    """The recipe's ``tn_hf.Plan`` from ``--plan FILE``, else its ``tn_hf.TNConfig`` from the compression
+    flags (+ e.g. ``layer_types``), planned by the scheduler with ``tn_hf.plan``."""
+    if args.plan:
+        return tn_hf.Plan.load(args.plan)
+    budget = {"budget": args.budget} if args.budget else {}
     return tn_hf.TNConfig(format=args.format, compression_ratio=args.compression_ratio,
-                          budget=args.budget, plan_for_speed=not args.no_speed_plan, **extra)
+                          plan_for_speed=not args.no_speed_plan, **budget, **extra)

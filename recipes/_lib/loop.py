@@ -183,12 +183,14 @@ class Run:
         a, acc = self.args, self.accelerator
         ckpt_dir = Path(a.output_dir) / "checkpoints" / "admm"
         start = 0
-        if a.resume:  # ranks are planned from the weights: reuse those the interrupted run planned
+        if a.resume:  # ranks are planned from the weights: reuse the plan the interrupted run trained for
             progress = Path(a.resume) / "progress.json"
             if not progress.is_file():
                 raise SystemExit(f"--resume {a.resume}: no progress.json (not a checkpoint of this recipe)")
             state = json.loads(progress.read_text())
-            cfg, start = tn_hf.TNConfig.from_dict(state["admm_config"]), int(state["step"])
+            cfg = tn_hf.Plan.from_dict(state["admm_plan"]) if "admm_plan" in state else \
+                tn_hf.TNConfig.from_dict(state["admm_config"])
+            start = int(state["step"])
         self.metrics["tn_config"] = cfg.to_dict()
         prepared, opt = acc.prepare(model, self._sgd(model, a.lr))
         self.print("admm: planning the ranks of the targeted layers ...")
@@ -203,7 +205,7 @@ class Run:
             acc.save_state(str(ckpt_dir))
             if acc.is_main_process:
                 write_json(ckpt_dir / "progress.json", {"phase": "admm", "step": step, "of": n,
-                                                        "admm_config": sched.compress_config().to_dict()})
+                                                        "admm_plan": sched.plan.to_dict()})
             acc.wait_for_everyone()
 
         on_step = (lambda s: s % a.save_every == 0 and s < n and save_state(s)) if a.save_every else None

@@ -8,8 +8,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .bt import bt_ranks_for_ratio
 from .tr import tr_ranks
-from .tt import check_tensor, tt_ranks, unfolding_spectrum
+from .tt import check_tensor, stable, tt_ranks, unfolding_spectrum
 from .tucker import tucker_ranks_for_ratio
 
 __all__ = ["tn_params", "ranks_for_ratio", "allocate_ranks", "allocation_summary"]
@@ -37,8 +38,10 @@ def ranks_for_ratio(shape: Sequence[int], ratio: float, format: str = "tt") -> l
     """
     if format == "tucker":
         return tucker_ranks_for_ratio(shape, ratio)
+    if format == "bt":
+        return bt_ranks_for_ratio(shape, ratio)
     if format not in CHAIN_FORMATS:
-        raise ValueError(f"ranks_for_ratio: format must be one of {CHAIN_FORMATS + ('tucker',)}, got {format!r}")
+        raise ValueError(f"ranks_for_ratio: format must be one of {CHAIN_FORMATS + ('tucker', 'bt')}, got {format!r}")
     if not ratio > 0:
         raise ValueError(f"ranks_for_ratio: ratio must be > 0, got {ratio}")
     shape = [int(n) for n in shape]
@@ -120,7 +123,7 @@ def _ladder(t: Tensor, floor: list[int], levels: int = 48):
     every rank list raised to at least ``floor``."""
     shape = [int(s) for s in t.shape]
     d = len(shape)
-    energy = (float(t.to(torch.float64).pow(2).sum()) or 1.0) / t.numel()
+    energy = float(stable(t.to(torch.float64).pow(2).sum().reshape(1))[0] or 1.0) / t.numel()
     tails = []
     for k in range(1, d):
         spec = unfolding_spectrum(t, k) / energy

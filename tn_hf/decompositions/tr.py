@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .tt import check_rank_args, check_tensor, truncated_factor, tt_sweep, tt_ranks
+from .tt import check_rank_args, check_tensor, truncated_factor, tt_ranks, tt_sweep
 
 __all__ = ["tr_svd", "tr_to_full", "tr_project", "tr_ranks"]
 

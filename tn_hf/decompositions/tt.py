@@ -142,13 +142,24 @@ def _randomized_factor(A: Tensor, rank: int, oversample: int = 10, power_iters: 
     return L, L.T @ A
 
 
+SPECTRUM_DIGITS = 9
+
+
+def stable(x: Tensor, digits: int = SPECTRUM_DIGITS) -> Tensor:
+    """``x`` (float64, >= 0) rounded to ``digits`` significant digits: spectra that feed rank choices
+    are made independent of the BLAS's summation order (thread count, CPU, library), so that the same
+    weights give the same ranks on every machine."""
+    scale = torch.pow(10.0, torch.floor(torch.log10(x.clamp_min(1e-300))) - (digits - 1))
+    return torch.where(x > 0, torch.round(x / scale) * scale, torch.zeros_like(x))
+
+
 def unfolding_spectrum(x: Tensor, k: int) -> Tensor:
-    """Squared singular values (descending, float64) of the unfolding modes[:k] x modes[k:]."""
+    """Squared singular values (descending, float64, ``stable``) of the unfolding modes[:k] x modes[k:]."""
     A = x.reshape(math.prod(x.shape[:k]), -1)
     if A.shape[0] > A.shape[1]:
         A = A.T
     A64 = A.to(torch.float64)
-    return torch.flip(torch.linalg.eigvalsh(A64 @ A64.T), [0]).clamp_min(0)
+    return stable(torch.flip(torch.linalg.eigvalsh(A64 @ A64.T), [0]).clamp_min(0))
 
 
 # ---------------------------------------------------------------- TT

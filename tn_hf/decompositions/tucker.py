@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .tt import check_rank_args, check_tensor, truncated_factor
+from .tt import check_rank_args, check_tensor, stable, truncated_factor
 
 __all__ = ["tucker_svd", "tucker_to_full", "tucker_project", "tucker_ranks", "tucker_params",
            "tucker_ranks_for_ratio", "tucker_allocate", "mode_spectra"]
@@ -128,11 +128,11 @@ def tucker_project(x: Tensor, ranks) -> Tensor:
 
 
 def mode_spectra(x: Tensor) -> list[Tensor]:
-    """Squared singular values (descending, float64) of every mode-k unfolding of ``x``."""
+    """Squared singular values (descending, float64, ``tt.stable``) of every mode-k unfolding of ``x``."""
     out = []
     for k in range(x.dim()):
         a = torch.movedim(x, k, 0).reshape(x.shape[k], -1).to(torch.float64)
-        out.append(torch.flip(torch.linalg.eigvalsh(a @ a.T), [0]).clamp_min(0))
+        out.append(stable(torch.flip(torch.linalg.eigvalsh(a @ a.T), [0]).clamp_min(0)))
     return out
 
 

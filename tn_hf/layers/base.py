@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from .. import decompositions as D
-from ..decompositions import chain
 from ..config import FORMATS
+from ..decompositions import chain
 
 registry: dict[str, type[TNLayer]] = {}
-FORMAT_NAMES = {"tt": "Tensor-Train", "tr": "Tensor-Ring", "tucker": "Tucker"}
+FORMAT_NAMES = {"tt": "Tensor-Train", "tr": "Tensor-Ring", "tucker": "Tucker", "bt": "Block-Term"}
 _M = TypeVar("_M", bound=nn.Module)
 
 
@@ -67,13 +67,14 @@ def cores_to_full(cores) -> torch.Tensor:
 
 
 def normalize_ranks(ranks, modes, fmt: str, where: str = "layer") -> list[int]:
-    """Full rank list (length d+1) from an int or a list (tn_hf.decompositions.tt_ranks/tr_ranks:
-    an int is clipped to what the shape allows, a list that does not fit is a ValueError)."""
+    """Full rank list (length d+1) from an int or a list (tn_hf.decompositions.tt_ranks/tr_ranks;
+    Tucker: d ranks, tucker_ranks; BT: [N, r_1..r_d], bt_ranks): an int is clipped to what the
+    shape allows, a list that does not fit is a ValueError)."""
     if fmt not in FORMATS:
         raise ValueError(f"{where}: format {fmt!r} is not supported; valid: {FORMATS}")
-    if fmt == "tucker":
+    if fmt in ("tucker", "bt"):
         try:
-            return D.tucker_ranks(list(modes), ranks)
+            return (D.tucker_ranks if fmt == "tucker" else D.bt_ranks)(list(modes), ranks)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{where}: {e}") from None
     if ranks is None:

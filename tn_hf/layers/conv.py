@@ -62,10 +62,11 @@ class _TNConv(TNLayer):
     n_modes: number of modes per side when no factors are given (default 2).
     kernel_mode: "own" (default: the kernel mode is a core of its own between the channel cores)
         or "in" (the kernel mode and the input channels form one mode: two steps, conv then 1x1).
-    pointwise: how the factorized path runs its 1x1 stages on contiguous (NCHW) inputs: "conv"
-        (default, the convolution kernel) or "gemm" (one batched matrix product per stage, no
-        layout conversion: markedly faster on CPU for large maps). Same result either way; the
-        speed planner picks by measured time.
+    pointwise: how the factorized path runs its 1x1 stages on contiguous (NCHW) inputs: "gemm"
+        (default: one batched matrix product per stage, no layout conversion, markedly faster on
+        CPU) or "conv" (the convolution kernel; a spec without the key, as written by tn_hf < 0.9,
+        means "conv"). Channels-last inputs always take the conv kernel. Same result either way;
+        the speed planner picks per layer.
 """
 
     def __init_subclass__(cls, **kw):
@@ -74,7 +75,7 @@ class _TNConv(TNLayer):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, padding_mode="zeros", *, ranks, in_factors=None, out_factors=None, n_modes=None,
-                 kernel_mode="own", pointwise="conv"):
+                 kernel_mode="own", pointwise="gemm"):
         super().__init__()
         spec = type(self).dense_spec_from_args(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
@@ -106,7 +107,7 @@ class _TNConv(TNLayer):
     @classmethod
     def dense_spec_from_args(cls, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
                              groups=1, bias=True, padding_mode="zeros", *, ranks=None, in_factors=None,
-                             out_factors=None, n_modes=None, kernel_mode="own", pointwise="conv"):
+                             out_factors=None, n_modes=None, kernel_mode="own", pointwise="gemm"):
         n = cls.dim
         where = f"{cls.__name__}({in_channels}->{out_channels}, kernel={kernel_size})"
         if groups != 1:
@@ -145,13 +146,13 @@ class _TNConv(TNLayer):
                 "padding_mode": padding_mode, "in_factors": list(fi), "out_factors": list(fo), "ranks": ranks}
         if kernel_mode != "own":  # only the non-default layout is written (older specs stay valid)
             spec["kernel_mode"] = kernel_mode
-        if pointwise != "conv":
+        if pointwise != "conv":  # written when not the kernel older specs (without the key) ran
             spec["pointwise"] = pointwise
         return cls._norm_ranks(spec)
 
     @classmethod
     def dense_spec(cls, module, *, ranks=None, in_factors=None, out_factors=None, n_modes=None, kernel_mode="own",
-                   pointwise="conv"):
+                   pointwise="gemm"):
         dense = _DENSE[cls.dim]
         if type(module) is not dense and not isinstance(module, dense):
             raise ValueError(f"{cls.__name__}.dense_spec: expected {dense.__name__}, got {type(module).__name__}")

@@ -21,7 +21,6 @@ from torch import nn
 
 from .base import TNLayer, _missing, chain_flops, pair_factors
 
-
 # The core sweep runs as several small einsums with reshapes/permutes between them; measured on
 # CPU it reaches roughly half the FLOP rate of one large GEMM, so its FLOPs count double when
 # choosing the forward path.
@@ -108,6 +107,10 @@ class _LinearLayer(TNLayer):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _linear_weight(self) -> torch.Tensor:
+        """The rebuilt weight as ``F.linear`` takes it, (out_features, in_features)."""
+        return self.weight
+
     def _check_input(self, x):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{self._where(self._spec)}: input last dim {x.shape[-1]} != in_features "
@@ -150,7 +153,8 @@ class _TNLinear(_LinearLayer):
         fo, fi = spec["out_factors"], spec["in_factors"]
         d = len(fo)
         if tuple(weight.shape) != (math.prod(fo), math.prod(fi)):
-            raise ValueError(f"{cls._where(spec)}: weight shape {tuple(weight.shape)} != {(math.prod(fo), math.prod(fi))}")
+            raise ValueError(f"{cls._where(spec)}: weight shape {tuple(weight.shape)} "
+                             f"!= {(math.prod(fo), math.prod(fi))}")
         perm = [p for k in range(d) for p in (k, d + k)]
         return weight.reshape(*fo, *fi).permute(perm).reshape(cls._modes(spec))
 
@@ -159,7 +163,8 @@ class _TNLinear(_LinearLayer):
         fo, fi = spec["out_factors"], spec["in_factors"]
         d = len(fo)
         t = tensor.reshape([x for k in range(d) for x in (fo[k], fi[k])])
-        return t.permute([2 * k for k in range(d)] + [2 * k + 1 for k in range(d)]).reshape(math.prod(fo), math.prod(fi))
+        perm = [2 * k for k in range(d)] + [2 * k + 1 for k in range(d)]
+        return t.permute(perm).reshape(math.prod(fo), math.prod(fi))
 
     # --------------------------------------------------------------------- forward
     @staticmethod
@@ -237,7 +242,7 @@ class _TNLinear(_LinearLayer):
         self._check_input(x)
         store, n = self._store(), math.prod(x.shape[:-1])
         if self._memo(store, ("path", n), lambda: self.use_dense_path(n)):
-            return F.linear(x, self._memo(store, "weight", lambda: self.weight), self.bias)
+            return F.linear(x, self._memo(store, "weight", self._linear_weight), self.bias)
         if self.low_rank:
             a, b = self._memo(store, "low_rank", self._low_rank_factors)
             return F.linear(F.linear(x, a), b, self.bias)

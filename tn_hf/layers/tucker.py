@@ -38,9 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..decompositions.tucker import (tucker_allocate, tucker_params, tucker_project, tucker_ranks,
-                                     tucker_ranks_for_ratio, tucker_svd, tucker_to_full)
-from .base import TNLayer, check_factors, default_factors
+from ..decompositions.tucker import (
+    tucker_allocate,
+    tucker_params,
+    tucker_project,
+    tucker_ranks,
+    tucker_ranks_for_ratio,
+    tucker_svd,
+    tucker_to_full,
+)
+from .base import TNLayer, _missing, check_factors, default_factors
 from .conv import _CONV_FN, _TNConv
 from .linear import _LinearLayer
 from .recurrent import _TNRNN
@@ -127,8 +134,9 @@ class _TuckerLeaf(TNLayer):
         return _kron([self.cores[1 + k] for k in range(lo, hi)])
 
 
-class TuckerLinear(_LinearLayer, _TuckerLeaf):
-    """nn.Linear with a Tucker weight (see module docstring)."""
+class _UnpairedLinear(_LinearLayer):
+    """The Linear tensorization of Tucker and BT (modes (o_1..o_p, i_1..i_q), a plain reshape) and
+    the forward by FLOPs: a subclass gives ``_costs(batch)`` = (factorized, dense) and ``_contract``."""
 
     # ---------------------------------------------------------------- tensorization
     @classmethod
@@ -155,35 +163,18 @@ class TuckerLinear(_LinearLayer, _TuckerLeaf):
     def detensorize(cls, tensor, spec):
         return tensor.reshape(spec["out_features"], spec["in_features"])
 
-    @classmethod
-    def _from_spec(cls, spec):
-        return cls._marked(spec, super()._from_spec(spec))
-
     # --------------------------------------------------------------------- forward
     def _costs(self, batch: int) -> tuple[int, int]:
-        """(factorized, dense) FLOPs for ``batch`` rows."""
-        p, r = len(self.out_factors), self.ranks
-        t, s = math.prod(r[:p]), math.prod(r[p:])
-        kron = self.in_features * s + self.out_features * t
-        fact = kron + 2 * batch * (self.in_features * s + s * t + t * self.out_features)
-        dense = _rebuild_flops(self._modes(self._spec), r) + 2 * batch * self.in_features * self.out_features
-        return fact, dense
+        raise _missing(type(self), "_costs")
 
     def use_dense_path(self, batch: int) -> bool:
         fact, dense = self._costs(batch)
         return dense < fact
 
-    def _contract(self, x2):
-        """x (B, I) -> (B, O) by the factorized path ``B (G (A^T x))`` (no dense weight)."""
-        p = len(self.out_factors)
-        a, b = self._side(p, len(self.cores) - 1), self._side(0, p)
-        g = self.cores[0].reshape(b.shape[1], a.shape[1])
-        return ((x2 @ a) @ g.T) @ b.T
-
     def forward(self, x):
         self._check_input(x)
         if self.use_dense_path(math.prod(x.shape[:-1])):
-            return F.linear(x, self.weight, self.bias)
+            return F.linear(x, self._linear_weight(), self.bias)
         return self.contract(x)
 
     # -------------------------------------------------------------------- helpers
@@ -193,6 +184,30 @@ class TuckerLinear(_LinearLayer, _TuckerLeaf):
 
     def flops(self, input_shape) -> int:
         return min(self._costs(math.prod(input_shape[:-1])))
+
+
+class TuckerLinear(_UnpairedLinear, _TuckerLeaf):
+    """nn.Linear with a Tucker weight (see module docstring)."""
+
+    @classmethod
+    def _from_spec(cls, spec):
+        return cls._marked(spec, super()._from_spec(spec))
+
+    def _costs(self, batch: int) -> tuple[int, int]:
+        """(factorized, dense) FLOPs for ``batch`` rows."""
+        p, r = len(self.out_factors), self.ranks
+        t, s = math.prod(r[:p]), math.prod(r[p:])
+        kron = self.in_features * s + self.out_features * t
+        fact = kron + 2 * batch * (self.in_features * s + s * t + t * self.out_features)
+        dense = _rebuild_flops(self._modes(self._spec), r) + 2 * batch * self.in_features * self.out_features
+        return fact, dense
+
+    def _contract(self, x2):
+        """x (B, I) -> (B, O) by the factorized path ``B (G (A^T x))`` (no dense weight)."""
+        p = len(self.out_factors)
+        a, b = self._side(p, len(self.cores) - 1), self._side(0, p)
+        g = self.cores[0].reshape(b.shape[1], a.shape[1])
+        return ((x2 @ a) @ g.T) @ b.T
 
 
 class _TuckerConv(_TuckerLeaf, _TNConv):
