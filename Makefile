@@ -19,7 +19,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m ruff check tn_hf tests benchmarks recipes
 	$(BIN)/python -m mypy tn_hf
-	$(BIN)/python -m pytest -q tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 tests
 
 demo: $(STAMP)
 	$(BIN)/tn-hf demo

@@ -192,10 +192,13 @@ def test_sigkill_mid_save_leaves_a_loadable_checkpoint(tmp_path):
     script.write_text(_SAVER)
     here = os.path.dirname(__file__)
     seen = set()
-    for k in range(6):
+    for k in range(4):
         proc = subprocess.Popen([sys.executable, str(script), str(ckpt), here], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "1"  # one complete save exists
-        time.sleep(0.05 + 0.07 * k)
+        t0 = time.perf_counter()
+        assert proc.stdout.readline().strip() == "2"
+        save = time.perf_counter() - t0  # how long one save takes on this machine now
+        time.sleep(save * (0.15 + 0.45 * k))  # killed at moments spread over the next saves
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         proc.stdout.close()

@@ -536,9 +536,12 @@ def _fmt_ratios(r: dict[int, float]) -> str:
     return ", ".join(f"{v:.2f}x dense time at batch {b}" for b, v in sorted(r.items(), reverse=True))
 
 
-def _dense_params(cls, module) -> int:
-    """Weight parameters of the dense module a target replaces."""
-    return sum(w.numel() for w in cls.dense_weights(module).values())
+def _dense_params(cls, module, spec: dict | None = None) -> int:
+    """Weight parameters of the dense module a target replaces: for a recurrent layer, of the matrices
+    its ``spec`` puts in TN form (hidden-to-hidden too with ``compress_hidden``)."""
+    weights = cls.dense_weights(module, spec) if getattr(cls, "composite", False) and spec is not None \
+        else cls.dense_weights(module)
+    return sum(w.numel() for w in weights.values())
 
 
 def _may_switch_layout(t, config) -> bool:
@@ -549,7 +552,7 @@ def _may_switch_layout(t, config) -> bool:
 
 def _check_size(cls, spec, module, shape) -> str | None:
     """Why this TN form is not smaller than dense (params or FLOPs), or None."""
-    dense_params = _dense_params(cls, module)
+    dense_params = _dense_params(cls, module, spec)
     tn = _params(spec)
     if tn >= dense_params:
         return f"TN form not smaller ({tn} >= {dense_params} weight params)"
@@ -609,7 +612,7 @@ def plan_for_speed(model: nn.Module, targets: list, config, *, allocate, probed=
             out = _allocate_by_time(cm, targets, config, probed, kept, progress)
         else:
             out = _plan_targets(cm, targets, config, config.compression_ratio, probed, kept, progress, measured)
-        size = {t.name: _dense_params(t.cls, t.module) for t in targets}
+        size = {t.name: _dense_params(t.cls, t.module, t.spec) for t in targets}
         total, goal = sum(size.values()), config.compression_ratio
         shrunk: list = []  # layers not faster at their allocated size, given a smaller form that is
 
@@ -682,7 +685,8 @@ def _candidates(t, config, ev: _Eval | None, ratio: float, q: float | None = Non
     out = aligned_variants(t.cls, base)
     if ev is not None and _may_switch_layout(t, config):  # the other conv layout, same size
         alt = t.cls.dense_spec(t.module, kernel_mode="in", n_modes=config.n_modes)
-        out += aligned_variants(t.cls, spec_at_ratio(t.cls, alt, _dense_params(t.cls, t.module) / _params(base)))
+        q = _dense_params(t.cls, t.module, t.spec) / _params(base)
+        out += aligned_variants(t.cls, spec_at_ratio(t.cls, alt, q))
     return out
 
 
@@ -706,7 +710,7 @@ def _plan_targets(cm, targets, config, ratio, probed, kept, progress, measured) 
         else:
             spec, r, why = _latency(ev, t, cands, ratio, shape1)
         if why is not None and ev is None:  # size rule only: smaller ranks until the TN form is smaller
-            dense = _dense_params(t.cls, t.module)
+            dense = _dense_params(t.cls, t.module, t.spec)
             now = ratio if composite else dense / max(1, _params(cands()[0]))
             for q in (q for q in LATENCY_GRID if q > now):
                 s2 = cands(q)[0]
@@ -740,7 +744,7 @@ def _shrink_kept(cm, targets, kept, config, probed, short, chosen) -> list:
     credit = _saved_at(small, [ev.times(t.spec) for t, ev in evs if ev is not None])  # (cached times)
     taken: list = []
     goal = config.compression_ratio
-    for t in sorted((t for t in targets if t.name in kept), key=lambda t: -_dense_params(t.cls, t.module)):
+    for t in sorted((t for t in targets if t.name in kept), key=lambda t: -_dense_params(t.cls, t.module, t.spec)):
         if not short(taken):
             break
         ev, shape1 = _evaluator(cm, t, probed, True)
@@ -778,10 +782,10 @@ def _allocate_by_time(cm, targets, config, probed, kept, progress) -> list:
     (bisection) whose choices fit the budget; what is left under it goes to the upgrades of least
     time per parameter. Targets whose input shape is unknown keep the uniform ratio, and their size
     counts."""
-    budget = sum(_dense_params(t.cls, t.module) for t in targets) / config.compression_ratio
+    budget = sum(_dense_params(t.cls, t.module, t.spec) for t in targets) / config.compression_ratio
     untimed = [t for t in targets if _evaluator(cm, t, probed, True)[0] is None]
     fixed = _plan_targets(cm, untimed, config, config.compression_ratio, probed, kept, False, False)
-    budget -= sum(_params(t.spec) for t in fixed) + sum(_dense_params(t.cls, t.module) for t in untimed
+    budget -= sum(_params(t.spec) for t in fixed) + sum(_dense_params(t.cls, t.module, t.spec) for t in untimed
                                                        if t.name in kept)
     options: dict[str, list] = {}  # name -> [(params, {batch: seconds}, spec or None for dense)]
     skip = {t.name for t in untimed}
@@ -795,11 +799,11 @@ def _allocate_by_time(cm, targets, config, probed, kept, progress) -> list:
             first_why = first_why or why
         if not found:
             kept[t.name] = first_why or "TN not faster at any size"
-            budget -= _dense_params(t.cls, t.module)
+            budget -= _dense_params(t.cls, t.module, t.spec)
             continue
         dense_s = {b: d for b, (_, d) in ev.times(found[0][0]).items()}
         options[t.name] = [(_params(spec), {b: r[b] * dense_s[b] for b in r}, spec) for spec, r in found] \
-            + [(_dense_params(t.cls, t.module), dense_s, None)]
+            + [(_dense_params(t.cls, t.module, t.spec), dense_s, None)]
     if not options:
         return fixed
     total = {b: sum(o[-1][1][b] for o in options.values()) for b in cm.batches}

@@ -29,6 +29,7 @@ import re
 import types
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -235,7 +236,8 @@ def _load_transformers(local: Path, cfg: dict, model_class, kwargs) -> nn.Module
                                     f"{cfg.get('architectures')} (config.json 'architectures'); pass model_class=")
     if not (isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel)):
         raise TypeError(f"from_pretrained: {model_class!r} is not a transformers PreTrainedModel class")
-    return model_class.from_pretrained(str(local), **kwargs)
+    pretrained: Any = model_class  # a PreTrainedModel subclass (checked above)
+    return pretrained.from_pretrained(str(local), **kwargs)
 
 
 def _import_class(target, where) -> object:
