@@ -43,7 +43,7 @@ def run_cell(dense, train_loader, test_loader, cfg: TNConfig, *, admm_epochs: in
     """The three arms for one (format, ratio, seed); accuracies in %, times in s."""
     total = admm_epochs * len(train_loader)
     out = {}
-    ranks = None
+    ranks = plan = None
     for arm in ("admm_default", "admm_tuned"):
         m = copy.deepcopy(dense)
         sched = ADMMScheduler(m, cfg, total_steps=total, **({} if arm == "admm_default" else tuned_kwargs(total)))
@@ -59,10 +59,10 @@ def run_cell(dense, train_loader, test_loader, cfg: TNConfig, *, admm_epochs: in
                     "acc_finetuned": demo.evaluate(m, test_loader), "primal_end": primal,
                     "admm_s_per_epoch": t_admm / admm_epochs, "zu_seconds": sched.update_seconds}
         ranks = ranks or sched.ranks
+        plan = plan or sched.plan  # the plan at the ranks ADMM trained for
         out["target_ratio"] = report.totals["target_ratio"]
     m = copy.deepcopy(dense)
-    m.tn_hf_pinned_ranks = {"config": cfg.to_dict(), "ranks": ranks}  # same ranks as the ADMM arms
-    compress(m, cfg, progress=False)
+    compress(m, plan, progress=False)  # same ranks as the ADMM arms
     acc_dec = demo.evaluate(m, test_loader)
     # plain dense epochs, timed beside the ADMM epochs for the overhead
     d = copy.deepcopy(dense)

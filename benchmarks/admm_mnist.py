@@ -79,9 +79,8 @@ def trainer_arm(dense, tl, te, cfg, seed: int, optim: str = "sgd") -> dict:
         opt = (torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9), None) if optim == "sgd" else (None, None)
         Trainer(model=m, args=args, train_dataset=DS(tl), callbacks=[cb], optimizers=opt).train()
     acc_admm = demo.evaluate(m.net, te)
-    direct.tn_hf_pinned_ranks = {"config": cfg.to_dict(),
-                                 "ranks": {k.removeprefix("net."): v for k, v in cb.sched.ranks.items()}}
-    tn_hf.compress(direct, cfg, progress=False)
+    ranks = {k.removeprefix("net."): v for k, v in cb.sched.ranks.items()}
+    tn_hf.compress(direct, tn_hf.plan(direct, cfg).with_ranks(ranks), progress=False)
     return {"admm_trainer_defaults": acc_admm, "direct": demo.evaluate(direct, te),
             "primal_end": cb.sched.residuals()["primal"]}
 
