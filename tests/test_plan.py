@@ -9,36 +9,19 @@ import textwrap
 
 import pytest
 import torch
+from nets import ConvNet
 from torch import nn
 
 import tn_hf
 from tn_hf import cost
 from tn_hf.plans import Plan, PlanError
 
-
-class _Net(nn.Module):
-    """A small CNN that declares its input size (as timm models do), so the speed planner sees shapes."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.a = nn.Conv2d(16, 64, 3, padding=1)
-        self.b = nn.Conv2d(64, 64, 3, padding=1)
-        self.fc1 = nn.Linear(64, 256)
-        self.fc2 = nn.Linear(256, 10)
-        self.pretrained_cfg = {"input_size": (3, 16, 16)}
-
-    def forward(self, x):
-        x = self.b(torch.relu(self.a(torch.relu(self.stem(x)))))
-        return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
-
-
 CFG = tn_hf.TNConfig(compression_ratio=3.0, min_params=4000)
 
 
 def _net(seed=0):
     torch.manual_seed(seed)
-    return _Net().eval()
+    return ConvNet(hw=16).eval()
 
 
 _SCRIPT = textwrap.dedent("""

@@ -144,26 +144,13 @@ def test_torch_compile_inductor_compressed_model(pointwise):
 
 
 # ----------------------------------------------------------------------------- planner
+from nets import ConvNet  # noqa: E402
+
 import tn_hf  # noqa: E402
 from tn_hf import cost  # noqa: E402
 from tn_hf.layers import TTLinear  # noqa: E402
 
-
-class _Net(nn.Module):
-    """Two convs and two linears, with a declared input size (what timm models declare)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 16, 3, padding=1)
-        self.a = nn.Conv2d(16, 64, 3, padding=1)
-        self.b = nn.Conv2d(64, 64, 3, padding=1)
-        self.fc1 = nn.Linear(64, 256)
-        self.fc2 = nn.Linear(256, 10)
-        self.pretrained_cfg = {"input_size": (3, 8, 8)}
-
-    def forward(self, x):
-        x = self.b(torch.relu(self.a(torch.relu(self.stem(x)))))
-        return self.fc2(torch.relu(self.fc1(x.mean((2, 3)))))
+_Net = ConvNet  # input 3x8x8
 
 
 def _fake_costs(monkeypatch, fn):

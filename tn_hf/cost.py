@@ -83,6 +83,7 @@ test is taken, else the layer stays dense.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -239,7 +240,8 @@ class CostModel:
             os.replace(tmp, self.path)
         except OSError as e:
             log.warning("tn_hf: cannot write the timing cache %s (%s); the times stay in memory", self.path, e)
-            tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         self.dirty = False
 
 
