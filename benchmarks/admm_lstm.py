@@ -1,24 +1,27 @@
-"""ADMM-TT/TR vs direct decomposition of an LSTM classifier on sktime's BasicMotions (real sensor data).
+"""ADMM vs direct decomposition of an LSTM classifier on real sequence data that sktime ships.
 
-BasicMotions: 40 train / 40 test multivariate series (6 channels: accelerometer + gyroscope, length
-100), 4 activities. Model: LSTM(6 -> 64) + linear head on the last hidden state; the LSTM is the
-target with its input and hidden matrices in TN form (compress_hidden=True). Arms as in
-admm_common.py at equal total epochs. Results: benchmarks/results/admm_lstm.json / .md.
+``--data vowels`` (default): JapaneseVowels, 12 channels, 9 speakers, 270 train / 370 test;
+``--data basicmotions``: BasicMotions, 6-channel accelerometer / gyroscope series, 4 activities,
+40 train / 40 test (see seqdata.py). Model: LSTM(channels -> 64) + linear head on the last hidden
+state; the LSTM is the target with its input and hidden matrices in TN form (compress_hidden=True).
+Arms as in admm_common.py at equal total epochs. Results: benchmarks/results/admm_lstm_<data>.json / .md.
 
-    python benchmarks/admm_lstm.py --formats tt --ratios 4 8 16 --seeds 0 1 2
+    python benchmarks/admm_lstm.py --data vowels --formats tt tr tucker bt --ratios 8 16 32 --seeds 0 1 2
 """
 import os
 
 import admm_common as C
 import plots
+import seqdata
 import torch
 from torch import nn
 
 from tn_hf import TNConfig, demo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, "results", "admm_lstm")
-DENSE_EPOCHS, ADMM_EPOCHS, FT_EPOCHS, LR, BATCH = 40, 20, 10, 5e-3, 8
+# data: (dense epochs, ADMM epochs, fine-tune epochs after ADMM); Adam lr 5e-3 for all
+EPOCHS = {"vowels": (60, 20, 10), "basicmotions": (100, 20, 10)}
+LR = 5e-3
 
 
 class LSTMNet(nn.Module):
@@ -31,40 +34,28 @@ class LSTMNet(nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
-def loaders(seed: int):
-    import numpy as np
-
-    from tn_hf.extras import require
-    load_basic_motions = require("sktime.datasets", "the BasicMotions benchmark").load_basic_motions
-    X, y = load_basic_motions(return_type="numpy3D", split="train")
-    Xt, yt = load_basic_motions(return_type="numpy3D", split="test")
-    classes = sorted(set(y))
-    mu, sd = X.mean(axis=(0, 2), keepdims=True), X.std(axis=(0, 2), keepdims=True) + 1e-6
-
-    def ds(a, b):
-        x = torch.as_tensor(((a - mu) / sd).transpose(0, 2, 1), dtype=torch.float32)
-        return torch.utils.data.TensorDataset(x, torch.as_tensor(np.array([classes.index(v) for v in b])))
-    g = torch.Generator().manual_seed(seed)
-    return (torch.utils.data.DataLoader(ds(X, y), batch_size=BATCH, shuffle=True, generator=g),
-            torch.utils.data.DataLoader(ds(Xt, yt), batch_size=40))
-
-
-INTRO = (f"Data: sktime BasicMotions (real accelerometer/gyroscope series, 40 train / 40 test, 4 classes; one "
-         f"test sample = 2.5 points). Model: LSTM(6 -> 64) + head, trained {DENSE_EPOCHS} epochs per seed (Adam "
-         f"lr {LR}, cosine, batch {BATCH}). Target: the LSTM, input and hidden matrices in TN form "
-         f"(compress_hidden=True). Arms as in admm_common.py: direct = decomposition + "
-         f"{ADMM_EPOCHS + FT_EPOCHS} epochs fine-tune; ADMM = {ADMM_EPOCHS} epochs ADMM (default or tuned), "
-         f"decomposition, {FT_EPOCHS} epochs fine-tune. `python benchmarks/admm_lstm.py`.")
+def intro(data: str) -> str:
+    dense, admm, ft = EPOCHS[data]
+    return (f"Data: sktime's {data} (seqdata.py). Model: LSTM(channels -> 64) + head, trained {dense} epochs per "
+            f"seed (Adam lr {LR}, cosine). Target: the LSTM, input and hidden matrices in TN form "
+            f"(compress_hidden=True), allocation='uniform'. Arms as in admm_common.py: direct = decomposition + "
+            f"{admm + ft} epochs fine-tune (at lr and at lr/10, the better counts); ADMM = {admm} epochs ADMM at "
+            f"the scheduler's defaults, decomposition, {ft} epochs fine-tune at lr/10 (and at lr, shown). "
+            f"`python benchmarks/admm_lstm.py --data {data}`.")
 
 
 def main():
-    a = C.grid_parser().parse_args()
-    path, data = C.start(OUT)
+    ap = C.grid_parser()
+    ap.add_argument("--data", default="vowels", choices=sorted(EPOCHS))
+    a = ap.parse_args()
+    out = os.path.join(HERE, "results", f"admm_lstm_{a.data}")
+    path, data = C.start(out)
+    dense_epochs, admm_epochs, ft_epochs = EPOCHS[a.data]
     for seed in a.seeds:
-        tl, te = loaders(seed)
+        tl, te, n_in, n_cls = seqdata.loaders(a.data, seed)
         torch.manual_seed(seed)
-        dense = LSTMNet()
-        demo.train(dense, tl, DENSE_EPOCHS, lr=LR, progress=False)
+        dense = LSTMNet(n_in, 64, n_cls)
+        demo.train(dense, tl, dense_epochs, lr=LR, progress=False)
         data["dense"][str(seed)] = {"acc": demo.evaluate(dense, te), "params": demo.n_params(dense)}
         for fmt in a.formats:
             for ratio in a.ratios:
@@ -73,14 +64,14 @@ def main():
                     continue
                 cfg = TNConfig(format=fmt, compression_ratio=ratio, compress_hidden=True, allocation="uniform")
                 torch.manual_seed(1000 + seed)
-                cell = C.run_cell(dense, tl, te, cfg, admm_epochs=ADMM_EPOCHS, ft_epochs=FT_EPOCHS, lr=LR)
+                cell = C.run_cell(dense, tl, te, cfg, admm_epochs=admm_epochs, ft_epochs=ft_epochs, lr=LR)
                 data["cells"][key] = cell
                 print(key, {k: cell[k] for k in C.ARMS}, flush=True)
                 C.save(path, data)
     C.save(path, data)
-    with open(OUT + ".md", "w") as f:
-        f.write(C.render(data, "ADMM vs direct decomposition, TT/TR-LSTM on BasicMotions (benchmarks/admm_lstm.py)",
-                         INTRO))
+    with open(out + ".md", "w") as f:
+        f.write(C.render(data, f"ADMM vs direct decomposition, LSTM on {a.data} (benchmarks/admm_lstm.py)",
+                         intro(a.data)))
     plots.draw(path)
 
 

@@ -5,11 +5,13 @@ Tasks (each: a dense model trained per seed, then every format decomposed from i
 ``TNConfig(format=..., compression_ratio=R, allocation="uniform")``, so every layer gets the same
 budget in every format, and fine-tuned for the same epochs):
 
-* basicmotions: sktime's BasicMotions (6-channel accelerometer/gyroscope series, 4 activities),
-  LSTM(6 -> 64) + head (``admm_lstm.LSTMNet``), input and hidden matrices in TN form;
-* italypower: sktime's ItalyPowerDemand (univariate daily load curves of length 24, 2 classes),
-  LSTM(1 -> 64) + head, hidden matrices in TN form;
+* basicmotions, vowels, italypower: sktime's BasicMotions, JapaneseVowels and ItalyPowerDemand
+  (seqdata.py), LSTM(channels -> 64) + head (``admm_lstm.LSTMNet``), input and hidden matrices in
+  TN form;
 * mnist: ``tn_hf.demo.SmallCNN`` on the bundled MNIST-5k digits (conv2..conv4 compressed).
+
+Sizes only: ``plan_for_speed=False``, so no layer is kept dense for speed and every format stores
+the same number of parameters per layer (to the rounding of its ranks).
 
 Results: benchmarks/results/bt_compare.json / .md / .png.
 
@@ -19,47 +21,29 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
 import _results
 import plots
+import seqdata
 import torch
 from admm_lstm import LSTMNet
-from admm_lstm import loaders as motion_loaders
 
 from tn_hf import TNConfig, compress, demo
-from tn_hf.extras import require
 
 FORMATS = ("tt", "tucker", "bt")
 # task: (compression ratio, dense epochs, fine-tune epochs, lr)
-TASKS = {"basicmotions": (8.0, 40, 10, 5e-3), "italypower": (8.0, 30, 10, 5e-3), "mnist": (8.0, 3, 1, 2e-3)}
-
-
-def italy_loaders(seed: int):
-    import numpy as np
-    load = require("sktime.datasets", "the ItalyPowerDemand benchmark").load_italy_power_demand
-    X, y = load(return_type="numpy3D", split="train")
-    Xt, yt = load(return_type="numpy3D", split="test")
-    classes = sorted(set(y))
-    mu, sd = X.mean(), X.std() + 1e-6
-
-    def ds(a, b):
-        x = torch.as_tensor(((a - mu) / sd).transpose(0, 2, 1), dtype=torch.float32)
-        return torch.utils.data.TensorDataset(x, torch.as_tensor(np.array([classes.index(v) for v in b])))
-    g = torch.Generator().manual_seed(seed)
-    return (torch.utils.data.DataLoader(ds(X, y), batch_size=16, shuffle=True, generator=g),
-            torch.utils.data.DataLoader(ds(Xt, yt), batch_size=512))
+TASKS = {"basicmotions": (8.0, 100, 10, 5e-3), "vowels": (8.0, 60, 10, 5e-3), "italypower": (8.0, 30, 10, 5e-3),
+         "mnist": (8.0, 3, 1, 2e-3)}
 
 
 def task(name: str, seed: int):
     """(dense model factory, train loader, test loader, TNConfig options) of a task."""
-    if name == "basicmotions":
-        tl, te = motion_loaders(seed)
-        return (lambda: LSTMNet()), tl, te, {"compress_hidden": True}
-    if name == "italypower":
-        tl, te = italy_loaders(seed)
-        return (lambda: LSTMNet(n_in=1, n_cls=2)), tl, te, {"compress_hidden": True}
+    if name in seqdata.SETS:
+        tl, te, n_in, n_cls = seqdata.loaders(name, seed)
+        return (lambda: LSTMNet(n_in, 64, n_cls)), tl, te, {"compress_hidden": True}
     tl, te = demo.loaders(seed=seed)
     return (lambda: demo.SmallCNN()), tl, te, {}
 
@@ -80,7 +64,8 @@ def run(names, seeds) -> dict:
                 m = copy.deepcopy(dense)
                 torch.manual_seed(1000 + seed)
                 t0 = time.perf_counter()
-                report = compress(m, TNConfig(format=fmt, compression_ratio=ratio, allocation="uniform", **opts),
+                report = compress(m, TNConfig(format=fmt, compression_ratio=ratio, allocation="uniform",
+                                                  plan_for_speed=False, **opts),
                                   progress=False)
                 row = {"format": fmt, "seed": seed, "target_ratio": report.totals["target_ratio"],
                        "tn_params": sum(r["tn_params"] for r in report.rows),
@@ -101,10 +86,10 @@ def _ms(xs) -> str:
 def render(data: dict) -> str:
     lines = ["# Block-term vs TT vs Tucker at the same parameter budget (benchmarks/bt_compare.py)", "",
              "Every format decomposes the same trained dense model per seed at the same compression ratio of "
-             "the targets (`allocation=\"uniform\"`: every layer at the ratio), then fine-tunes it for the same "
-             "epochs (Adam, cosine LR). BT: 2 blocks, block ranks from the weights' mode spectra. Accuracy in %, "
-             "mean ± sample std over seeds; 'params' = the compressed layers' parameters (dense / TN = ratio got; "
-             "1.00: the planner kept the layer dense, its reason in the JSON's 'kept_dense').",
+             "the targets (`allocation=\"uniform\"`: every layer at the ratio; `plan_for_speed=False`: sizes only, "
+             "no layer kept dense for speed), then fine-tunes it for the same epochs (Adam, cosine LR). BT: 2 "
+             "blocks, block ranks from the weights' mode spectra. Accuracy in %, mean ± sample std over seeds; "
+             "'params' = the compressed layers' parameters (dense in brackets).",
              ""]
     for name, res in data["tasks"].items():
         s = data["settings"][name]
@@ -130,7 +115,7 @@ def main() -> None:
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     data = run(a.tasks, a.seeds)
     md = _results.write("bt_compare", data, render(data))
     print(md.read_text())

@@ -50,7 +50,7 @@ def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
 
 def admm(json_path: Path | str, title: str) -> Path:
     """Accuracy vs compression ratio, ADMM (scheduler defaults) vs direct decomposition, one column per
-    format; mean and std over seeds (admm_mnist.json, admm_lstm.json)."""
+    format; mean and std over seeds (admm_mnist.json, admm_lstm_*.json)."""
     data = _load(json_path)
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for key, cell in data["cells"].items():
@@ -222,7 +222,8 @@ def bt_compare(json_path: Path | str, title: str) -> Path:
 FIGURES: dict[str, tuple[Callable[[Path, str], Path], str]] = {
     "bt_compare": (bt_compare, "Block-term vs TT vs Tucker at the same parameter budget (3 seeds)"),
     "admm_mnist": (admm, "ADMM vs direct decomposition: SmallCNN on MNIST-5k (3 seeds)"),
-    "admm_lstm": (admm, "ADMM vs direct decomposition: LSTM on BasicMotions (3 seeds)"),
+    "admm_lstm_vowels": (admm, "ADMM vs direct decomposition: LSTM on JapaneseVowels (3 seeds)"),
+    "admm_lstm_basicmotions": (admm, "ADMM vs direct decomposition: LSTM on BasicMotions (3 seeds)"),
     "tucker_mnist": (tucker, "Tucker vs TT vs TR on MNIST-5k"),
     "decompose": (decompose, "Decomposition time: tn_hf vs tensorly, every resnet18 weight"),
     "speed_models": (speed, "Whole-model eval time vs dense"),

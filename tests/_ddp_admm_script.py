@@ -1,6 +1,9 @@
 """Two-process (gloo, CPU) DDP run of ADMMScheduler; each rank writes its Z/U/weights to OUT/rank{r}.safetensors.
 
-Usage: python tests/_ddp_admm_script.py OUT_DIR   (spawns the 2 processes itself)
+Usage: python tests/_ddp_admm_script.py OUT_DIR [FORMAT]   (spawns the 2 processes itself)
+
+After the steps every rank decomposes (``sched.compress``) and writes the TN weights too (TR:
+from the warm-started cores, which rank 0 computed and broadcast).
 """
 import os
 import sys
@@ -11,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 
-def worker(rank, world, out, port):
+def worker(rank, world, out, port, fmt):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -21,7 +24,7 @@ def worker(rank, world, out, port):
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64),
                           nn.ReLU(), nn.Linear(64, 4))
     ddp = nn.parallel.DistributedDataParallel(model)
-    sched = ADMMScheduler(ddp, tn_hf.TNConfig(ranks=3, min_params=2000), rho=1e-2, update_every=2)
+    sched = ADMMScheduler(ddp, tn_hf.TNConfig(format=fmt, ranks=3, min_params=2000), rho=1e-2, update_every=2)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(100 + rank)  # different data per rank
     for _ in range(6):
@@ -36,6 +39,8 @@ def worker(rank, world, out, port):
     flat = {f"{kind}.{k}": v.contiguous() for kind in ("Z", "U", "Zprev") for k, v in sd[kind].items()}
     flat.update({f"W.{k}": v.detach().contiguous() for k, v in model.state_dict().items()})
     flat["meta.updates"] = torch.tensor(float(sched.updates))
+    sched.compress(model, progress=False)
+    flat.update({f"TN.{k}": v.detach().clone() for k, v in model.state_dict().items() if "cores" in k})
     save_file(flat, os.path.join(out, f"rank{rank}.safetensors"))
     dist.destroy_process_group()
 
@@ -45,4 +50,4 @@ if __name__ == "__main__":
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, sys.argv[1], port), nprocs=2, join=True)
+    mp.spawn(worker, args=(2, sys.argv[1], port, sys.argv[2] if len(sys.argv) > 2 else "tt"), nprocs=2, join=True)

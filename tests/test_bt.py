@@ -320,3 +320,20 @@ def test_admm_with_bt_format_trains_towards_the_ranks_and_compresses():
     assert sched.updates == 4 and float(sched.U["2"].abs().sum()) > 0
     report = sched.compress()
     assert isinstance(model[2], BTLinear) and model[2].ranks == ranks and report.rows[0]["tn_type"] == "BTLinear"
+
+
+def test_bt_warm_start_never_worse_than_its_init_and_checks_shapes():
+    from tn_hf.decompositions import bt_decompose, bt_to_full, fit, to_full
+    torch.manual_seed(5)
+    x = torch.randn(6, 7, 8, dtype=torch.float64)
+    cold = bt_decompose(x, ranks=[2, 3, 3, 3])
+    near = x + 0.05 * torch.randn_like(x)
+    warm = fit(near, [2, 3, 3, 3], "bt", init=[cold.core, *cold.factors])
+    start = float((bt_to_full(cold.core, cold.factors) - near).norm())
+    assert float((to_full(warm, "bt") - near).norm()) <= start + 1e-12
+    # a BT tensor refitted from its own cores stays put
+    again = fit(bt_to_full(cold.core, cold.factors), [2, 3, 3, 3], "bt", init=[cold.core, *cold.factors])
+    full = bt_to_full(cold.core, cold.factors)
+    assert float((to_full(again, "bt") - full).norm() / full.norm()) < 1e-9
+    with pytest.raises(ValueError, match=r"bt_decompose: init shapes .* do not match the ranks"):
+        bt_decompose(x, ranks=[2, 3, 3, 3], init=[cold.core, *cold.factors[:2], cold.factors[2][:, :, :2]])

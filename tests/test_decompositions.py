@@ -242,3 +242,22 @@ def test_randomized_path_close_to_exact(monkeypatch):
     monkeypatch.setattr(tt_mod, "_RANDOMIZED_MIN_SIDE", 32)  # force the range finder on 64 x 768
     fast = float((tt_project(w, [1, 12, 16, 8, 1]) - w).norm())
     assert fast <= 1.01 * exact
+
+
+def test_tr_als_never_worse_and_keeps_a_ring_where_tr_svd_moves_it():
+    from tn_hf.decompositions import tr_als
+    torch.manual_seed(3)
+    t = torch.randn(6, 8, 9, 5, dtype=torch.float64)
+    ranks = [2, 3, 5, 4, 2]
+    cold = tr_svd(t, ranks=ranks)
+    errs = [rel(tr_to_full(cold), t)] + [rel(tr_to_full(tr_als(t, cold, k)), t) for k in (1, 2, 4)]
+    assert all(b <= a + 1e-12 for a, b in zip(errs, errs[1:])) and errs[-1] < errs[0] - 1e-3, errs
+    assert rel(tr_to_full(tr_svd(t, ranks=ranks, sweeps=4)), t) == pytest.approx(errs[-1], rel=1e-9)
+    # a tensor that has TR ranks r: TR-SVD at r does not return it, ALS from its own cores does
+    ring = [torch.randn(r0, n, r1, dtype=torch.float64) for r0, n, r1 in zip(ranks, t.shape, ranks[1:])]
+    p = tr_to_full(ring)
+    assert rel(tr_to_full(tr_svd(p, ranks=ranks)), p) > 0.05
+    assert rel(tr_to_full(tr_als(p, ring, 1)), p) < 1e-9
+    assert rel(tr_project(p, ranks), p) < rel(tr_to_full(tr_svd(p, ranks=ranks)), p)
+    with pytest.raises(ValueError, match=r"tr_als: cores .* do not fit a tensor of shape \(6, 8, 9, 5\)"):
+        tr_als(t, ring[:-1])

@@ -344,3 +344,18 @@ def test_load_cores_with_a_bias_into_a_layer_without_one_names_the_layer():
     cores = [c.detach().clone() for c in m.cores]
     with pytest.raises(ValueError, match=r"TTLinear\.load_cores: a bias was given but the layer has none"):
         m.load_cores(cores, torch.zeros(20))
+
+
+def test_tt_rnn_default_layout_is_the_balanced_tt_matrix_not_the_low_rank_form():
+    """TTLinear's default is the two-core low-rank form; for the matrices of a recurrent cell (4 gates
+    stacked, a small input) that form leaves the input matrix rank 1 at 8x. The recurrent layers use the
+    balanced TT-matrix layout for TT as for TR (explicit factors or n_modes still win)."""
+    from tn_hf.layers import TTLSTM
+    spec = TTLSTM.dense_spec(nn.LSTM(12, 64), compress_hidden=True)["weights"]
+    assert spec["weight_ih_l0"]["in_factors"] == [3, 4] and spec["weight_ih_l0"]["out_factors"] == [16, 16]
+    assert spec["weight_hh_l0"]["in_factors"] == [4, 4, 4] and len(spec["weight_hh_l0"]["out_factors"]) == 3
+    m = TTLSTM.from_dense(nn.LSTM(12, 64), compression_ratio=8.0, compress_hidden=True)
+    assert max(m.ih_l0.ranks) > 1 and len(m.hh_l0.cores) == 3
+    assert TTLSTM.dense_spec(nn.LSTM(12, 64), n_modes=2)["weights"]["weight_ih_l0"]["in_factors"] == [3, 4]
+    ones = TTLSTM.dense_spec(nn.LSTM(12, 64), in_factors=[1, 12], out_factors=[256, 1])["weights"]
+    assert ones["weight_ih_l0"]["in_factors"] == [1, 12]

@@ -547,8 +547,10 @@ def test_latency_budget_recurrent_layer_gets_planned_ratio(monkeypatch):
     m = Seq().eval()
     report = tn_hf.compress(m, tn_hf.TNConfig(compression_ratio=3.0, budget="latency"), progress=False)
     assert isinstance(m.lstm, TTLSTM) and calls and calls[0][1] == (1, 5, 96)
-    ih = m.lstm.ih_l0
-    assert 3.0 <= 96 * 128 / sum(c.numel() for c in ih.cores) < 6.0, report
+    ih = m.lstm.ih_l0  # the balanced TT-matrix layout needs fewer FLOPs than dense only from 24x on here
+    assert len(ih.in_factors) == 3 and 96 * 128 / sum(c.numel() for c in ih.cores) >= 3.0, report
+    row = report.rows[0]
+    assert row["flops_tn"] < row["flops_dense"], report
     y = m(torch.randn(2, 5, 96))
     assert y.shape == (2, 4)
 

@@ -21,7 +21,12 @@ Scaled augmented Lagrangian, per target ``l``::
 
 * Z-step (every ``update_every`` optimizer steps, or per epoch)::
 
-      Z = detensorize(project(tensorize(W + U), ranks))      # tt_project / tr_project
+      Z = detensorize(project(tensorize(W + U), ranks))      # tt_project / tucker_project
+
+  TR and block-term have no closed-form fit, and a cold one moves even a tensor already in the set
+  (TR-SVD by 20-50 % of its norm on the MNIST CNN's layers): their Z-step refits from the previous
+  Z's cores (``decompositions.fit``: ALS / block sweeps, never worse than the start), and
+  ``compress()`` starts the layers' fit from the last ones.
 
 * U-step: ``U += W - Z`` (grad form; the prox form damps it to ``U += a (W - Z)`` with
   ``a = min(1, k rho / (1 + rho))``, the part of the gap its k steps since the last update
@@ -98,6 +103,7 @@ class _Slot:
     cls: type[TNLayer] # class providing tensorize/detensorize for this weight
     spec: dict         # (leaf) spec of this weight
     ranks: list
+    weight: str = "weight"  # the dense weight's name in its module (recurrent: "weight_ih_l0", ...)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -233,6 +239,7 @@ class ADMMScheduler:
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.Zprev: dict[str, torch.Tensor] = {}
+        self._warm: dict[str, list[torch.Tensor]] = {}  # TR / BT slots: the cores of the last Z (warm starts)
         with torch.no_grad():
             for s in self.slots:
                 self.U[s.name] = torch.zeros_like(s.param, dtype=torch.float32)
@@ -259,7 +266,7 @@ class ADMMScheduler:
                     raise ValueError(f"ADMMScheduler: target {t.name!r} has neither ranks nor a ratio in its plan")
                 ranks = ranks_for_ratio(modes, float(ratio), cls.format)
             name = t.name if len(weights) == 1 else f"{t.name}.{wname}"
-            out.append(_Slot(name, t.name, w, cls, spec, list(ranks)))
+            out.append(_Slot(name, t.name, w, cls, spec, list(ranks), wname))
         return out
 
     @property
@@ -267,8 +274,14 @@ class ADMMScheduler:
         return {s.name: list(s.ranks) for s in self.slots}
 
     def _project(self, s: _Slot, x: torch.Tensor) -> torch.Tensor:
-        return s.cls.detensorize(D.project(s.cls.tensorize(x, s.spec), s.ranks, s.cls.format),
-                                 s.spec).reshape(x.shape)
+        t = s.cls.tensorize(x, s.spec)
+        if s.cls.format in D.WARM_FORMATS:  # no closed-form fit: start from the last Z's cores (tr.py, bt.py)
+            cores = D.fit(t, s.ranks, s.cls.format, init=self._warm.get(s.name))
+            self._warm[s.name] = cores
+            z = D.to_full(cores, s.cls.format)
+        else:
+            z = D.project(t, s.ranks, s.cls.format)
+        return s.cls.detensorize(z, s.spec).reshape(x.shape)
 
     def _project_all(self, first=False):
         """Z-step and U-step for every slot; rank 0 computes, then broadcasts."""
@@ -288,6 +301,10 @@ class ADMMScheduler:
             if dist is not None:
                 dist.broadcast(Z, 0)
                 dist.broadcast(U, 0)
+                if s.cls.format in D.WARM_FORMATS:  # every rank decomposes from the same warm start
+                    box: list = [self._warm.get(s.name) if compute else None]
+                    dist.broadcast_object_list(box, 0)
+                    self._warm[s.name] = [c.to(W.device) for c in box[0] or ()]
             self.Zprev[s.name] = Z.clone() if first else self.Z[s.name]
             self.Z[s.name] = Z
             self.U[s.name] = U
@@ -538,5 +555,9 @@ class ADMMScheduler:
         """Decompose the targets in place at the ranks ADMM trained for: ``tn_hf.compress(model,
         sched.plan)``; returns its report."""
         model = _unwrap(model) if model is not None else self.model
-        return compress(model, self.plan, progress=progress, method="admm")
+        init: dict[str, dict[str, list[torch.Tensor]]] = {}
+        for s in self.slots:  # TR / BT: the fit starts from the last Z's cores (W ~ Z at the end of ADMM)
+            if s.name in self._warm:
+                init.setdefault(s.target, {})[s.weight] = self._warm[s.name]
+        return compress(model, self.plan, progress=progress, method="admm", init=init or None)
 

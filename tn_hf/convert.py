@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import decompositions as D
 from .cost import kept_dense_row
 from .decompositions import ranks_for_ratio
 from .layers import is_unsupported_subclass, layer_from_spec, registry
@@ -61,6 +62,24 @@ def _decompose(t, config) -> TNLayer:
     layer = layer.to(device=p.device, dtype=p.dtype)
     layer.train(t.module.training)
     return layer
+
+
+@torch.no_grad()
+def _refine(t, layer: TNLayer, init: dict) -> None:
+    """Refit the TR / BT leaves of a fresh ``layer`` from ``init`` ({dense weight name: cores}, warm starts)
+    and keep the refit where it fits the dense weight better than the cold decomposition it was built with."""
+    composite = getattr(t.cls, "composite", False)
+    weights = t.cls.dense_weights(t.module, t.spec) if composite else t.cls.dense_weights(t.module)
+    for wname, cores in init.items():
+        leaf = getattr(layer, wname[len("weight_"):], None) if composite else layer
+        if not isinstance(leaf, TNLayer) or leaf.format not in D.WARM_FORMATS or wname not in weights:
+            continue
+        if [tuple(c.shape) for c in cores] != [tuple(p.shape) for p in leaf.cores]:
+            continue  # other ranks than the layer's (a rank-deficient weight): keep the cold cores
+        x = leaf.tensorize(weights[wname].detach().float(), leaf._spec)
+        warm = D.fit(x, leaf.ranks, leaf.format, init=[c.to(x.device).float() for c in cores])
+        if (D.to_full(warm, leaf.format) - x).norm() < (leaf.full_tensor().float() - x).norm():
+            leaf.load_cores(warm)
 
 
 def _note(row: dict, layer, config) -> str | None:
@@ -133,7 +152,8 @@ def _stage_bar(stage: str, progress: bool) -> tqdm:
 
 @_all_or_nothing
 @_keeping_rng
-def compress(model: nn.Module, config, *, progress: bool = True, method: str = "direct") -> CompressionReport:
+def compress(model: nn.Module, config, *, progress: bool = True, method: str = "direct",
+             init: dict | None = None) -> CompressionReport:
     """Swap the planned targets of ``model`` in place for TN layers decomposed from their weights.
 
     Args:
@@ -143,6 +163,9 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
         progress: show a progress bar.
         method: how the weights were prepared, for the report and the model card: "direct"
             (plain decomposition) or "admm" (``ADMMScheduler.compress`` passes it).
+        init: ``{target: {dense weight name: cores}}``, starting points for the TR / BT fits, which have
+            no closed form (``ADMMScheduler`` passes the cores of its last Z-step): the refit from them
+            replaces the cold decomposition where it fits the weight better.
     Returns:
         the ``CompressionReport`` (also kept as ``model.tn_hf_report`` for the model card).
 
@@ -168,6 +191,8 @@ def compress(model: nn.Module, config, *, progress: bool = True, method: str = "
         dense = {k: v.detach().clone() for k, v in t.cls.dense_weights(t.module).items()}
         try:
             layer = _decompose(t, config)
+            if init and t.name in init:
+                _refine(t, layer, init[t.name])
         except ValueError as e:
             raise ValueError(f"module {t.name!r} ({type(t.module).__name__}): {e}") from None
         model.set_submodule(t.name, layer)

@@ -139,10 +139,14 @@ def _block(core: Tensor, us: Sequence[Tensor]) -> Tensor:
 
 
 def bt_decompose(x: Tensor, *, ranks=None, compression_ratio: float | None = None,
-                 n_blocks: int = DEFAULT_BLOCKS, sweeps: int = DEFAULT_SWEEPS, tol: float = 1e-6) -> BTResult:
+                 n_blocks: int = DEFAULT_BLOCKS, sweeps: int = DEFAULT_SWEEPS, tol: float = 1e-6,
+                 init: Sequence[Tensor] | None = None) -> BTResult:
     """Block-term decomposition of ``x`` at ``ranks`` (an int or ``[N, r_1..r_d]``) or at a
     ``compression_ratio`` (``n_blocks`` blocks, ranks from ``bt_ranks_for_ratio``); see the module
-    docstring for the algorithm and what it guarantees. Computed in ``x``'s dtype."""
+    docstring for the algorithm and what it guarantees. Computed in ``x``'s dtype.
+
+    ``init``: ``[core, *factors]`` of a nearby tensor at these ranks (a warm start: ADMM's previous
+    Z): the sweeps start from it instead of the successive Tucker fits."""
     check_tensor(x, "bt_decompose", min_modes=1)
     if (ranks is None) == (compression_ratio is None):
         raise ValueError("bt_decompose: give exactly one of ranks= or compression_ratio= (a block-term "
@@ -156,7 +160,17 @@ def bt_decompose(x: Tensor, *, ranks=None, compression_ratio: float | None = Non
     norm = float(x.norm()) or 1.0
     cores, facs, blocks = [], [], []
     resid = x
-    for _ in range(n):  # successive Tucker fits of the residuals
+    if init is not None:
+        want = [tuple(r)] + [(n, m, k) for m, k in zip(shape, br)]
+        if [tuple(t.shape) for t in init] != want:
+            raise ValueError(f"bt_decompose: init shapes {[tuple(t.shape) for t in init]} do not match the ranks "
+                             f"{r} of a tensor of shape {tuple(shape)} (need {want})")
+        for b in range(n):
+            cores.append(init[0][b].to(x.dtype))
+            facs.append([u[b].to(x.dtype) for u in init[1:]])
+            blocks.append(_block(cores[b], facs[b]))
+            resid = resid - blocks[b]
+    for _ in range(n if init is None else 0):  # successive Tucker fits of the residuals
         g, us = tucker_svd(resid, ranks=br)
         for _ in range(INIT_HOOI):
             g = _hooi_step(resid, us, br)

@@ -430,11 +430,16 @@ def check_factors(factors, n: int, what: str, where: str) -> tuple[int, ...]:
     return f
 
 
+def default_modes(in_features: int, out_features: int, default_d: int = 3) -> int:
+    """Modes per side of the balanced TT-matrix layout: 2 or 3 as the smaller side allows."""
+    return max(2, min(default_d, int(math.log2(max(2, min(in_features, out_features)))) // 2))
+
+
 def pair_factors(in_features, out_features, in_factors, out_factors, n_modes, where, default_d=3):
     """Factor lists (same length) for both sides; factorize() fills what is not given."""
     d = len(in_factors) if in_factors is not None else len(out_factors) if out_factors is not None else n_modes
     if d is None:
-        d = max(2, min(default_d, int(math.log2(max(2, min(in_features, out_features)))) // 2))
+        d = default_modes(in_features, out_features, default_d)
     if n_modes is not None and n_modes != d:
         raise ValueError(f"{where}: n_modes={n_modes} disagrees with the given factors (length {d})")
     fi = check_factors(in_factors, in_features, "in_factors", where) if in_factors is not None \

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from .base import TNLayer, tn_targets
+from .base import TNLayer, default_modes, tn_targets
 from .linear import TRLinear, TTLinear
 
 
@@ -33,7 +33,8 @@ class _TNRNN(TNLayer):
     compress_hidden: also store the hidden-to-hidden matrices in TN form (default: dense).
     in_factors: factorisation of input_size for the first layer's input-to-hidden matrices.
     out_factors: factorisation of gates * hidden_size (the rows of every TN matrix).
-    n_modes: number of modes per side when no factors are given.
+    n_modes: number of modes per side when no factors are given (default: 2 or 3 as the sizes allow,
+        for TT too: not the two-core low-rank form of ``TTLinear``).
     proj_size: must be 0.
     weight_specs: {dense weight name: leaf spec}, the exact layout of each matrix (loading).
 """
@@ -91,6 +92,11 @@ class _TNRNN(TNLayer):
         if proj_size:
             raise ValueError(f"{where}: proj_size={proj_size} is not supported (only proj_size=0)")
         leaf, g = cls._leaf(), cls.gates * hidden_size
+
+        def modes(i, given):  # no factors: the balanced TT-matrix layout, also for TT (whose Linear default
+            if given:         # is the two-core low-rank form: at 8x that leaves an LSTM's 12 -> 4x64 input
+                return None   # matrix rank 1, every gate reading one projection of the input)
+            return n_modes if n_modes is not None else default_modes(i, g)
         weights = {}
         for l_ in range(num_layers):
             for sfx in (["", "_reverse"] if bidirectional else [""]):
@@ -98,11 +104,11 @@ class _TNRNN(TNLayer):
                 fi = in_factors if l_ == 0 else None
                 weights[f"weight_ih_l{l_}{sfx}"] = leaf.dense_spec_from_sizes(
                     i_l, g, bias, ranks=ranks, in_factors=fi, out_factors=out_factors,
-                    n_modes=n_modes if fi is None and out_factors is None else None)
+                    n_modes=modes(i_l, fi is not None or out_factors is not None))
                 if compress_hidden:
                     weights[f"weight_hh_l{l_}{sfx}"] = leaf.dense_spec_from_sizes(
                         hidden_size, g, bias, ranks=ranks, out_factors=out_factors,
-                        n_modes=n_modes if out_factors is None else None)
+                        n_modes=modes(hidden_size, out_factors is not None))
         return {"class": cls.__name__, "format": cls.format, "input_size": int(input_size),
                 "hidden_size": int(hidden_size), "num_layers": int(num_layers), "bias": bool(bias),
                 "batch_first": bool(batch_first), "dropout": float(dropout), "bidirectional": bool(bidirectional),
