@@ -235,7 +235,13 @@ class ADMMScheduler:
                                  "full weights on every rank: use DDP, or gather the model (full_tensor()) "
                                  "before building the scheduler")
         # the plan ADMM trains for; compress() decomposes at exactly these ranks and forms
-        self.plan = the_plan.with_ranks({s.target: s.ranks for s in self.slots if s.name == s.target})
+        pinned: dict = {}
+        for s in self.slots:  # recurrent targets: every matrix at its ranks (not the ratio's spectrum-based pick)
+            if s.weight == "weight":
+                pinned[s.target] = s.ranks
+            else:
+                pinned.setdefault(s.target, {})[s.weight] = s.ranks
+        self.plan = the_plan.with_ranks(pinned)
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.Zprev: dict[str, torch.Tensor] = {}

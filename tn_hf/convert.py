@@ -45,6 +45,8 @@ def _decompose(t, config) -> TNLayer:
     kw: dict[str, Any] = {"compress_hidden": config.compress_hidden} if composite else {}
     if config.rel_error is not None:
         kw.update(rel_error=config.rel_error, max_rank=config.max_rank, n_modes=config.n_modes)
+    elif composite and all(w.get("ranks") is not None for w in t.spec.get("weights", {}).values()):
+        kw.update(weight_specs=t.spec["weights"])  # every matrix at its planned ranks (ADMM's plan)
     elif composite and config.compression_ratio is not None:  # the speed planner may set a per-layer ratio
         kw.update(compression_ratio=t.spec.get("compression_ratio", config.compression_ratio), n_modes=config.n_modes)
     elif composite:  # one rank (int or list) for every matrix of the recurrent layer

@@ -11,6 +11,7 @@ sizes, thread count and versions for a measured one (``tn_hf.tune``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -112,9 +113,20 @@ class Plan:
         return cls.from_json(path.read_text(encoding="utf-8"), str(path))
 
     # ------------------------------------------------------------------ derived
-    def with_ranks(self, ranks: dict[str, list[int]]) -> Plan:
-        """A copy whose leaf targets take these rank lists (``{target name: ranks}``)."""
-        specs = {n: dict(s, ranks=list(ranks[n])) if n in ranks else dict(s) for n, s in self.specs.items()}
+    def with_ranks(self, ranks: dict) -> Plan:
+        """A copy whose targets take these ranks: ``{target name: rank list}``, or for a recurrent target
+        ``{target name: {matrix name: rank list}}`` (its matrices are then decomposed at exactly those
+        ranks instead of at the plan's ratio)."""
+        specs = {}
+        for n, s in self.specs.items():
+            r = ranks.get(n)
+            if isinstance(r, dict):
+                s = copy.deepcopy(s)
+                for w, rr in r.items():
+                    s["weights"][w]["ranks"] = list(rr)
+            elif r is not None:
+                s = dict(s, ranks=list(r))
+            specs[n] = dict(s)
         return dataclasses.replace(self, specs=specs)
 
     def summary(self) -> str:

@@ -161,15 +161,24 @@ class _TNRNN(TNLayer):
 
     @classmethod
     def from_dense(cls, module, *, ranks=None, max_rank=None, rel_error=None, compression_ratio=None,
-                   in_factors=None, out_factors=None, n_modes=None, **layout):
-        """A layer decomposed from ``module``'s matrices; ``layout``: ``compress_hidden`` (see ``dense_spec``)."""
+                   in_factors=None, out_factors=None, n_modes=None, weight_specs=None, **layout):
+        """A layer decomposed from ``module``'s matrices; ``layout``: ``compress_hidden`` (see ``dense_spec``).
+        ``weight_specs``: ``{matrix name: leaf spec with ranks}``, every matrix decomposed at exactly its
+        layout and ranks (a plan that pins them, e.g. ``ADMMScheduler.plan``)."""
         spec = cls.dense_spec(module, ranks=ranks, in_factors=in_factors, out_factors=out_factors,
                               n_modes=n_modes, **layout)
+        if weight_specs is not None:
+            if set(weight_specs) != set(spec["weights"]):
+                raise ValueError(f"{cls._where(spec)}: weight_specs name {sorted(weight_specs)}; this layer's TN "
+                                 f"matrices are {sorted(spec['weights'])}")
+            spec["weights"] = copy.deepcopy(weight_specs)
         leaf, cores = cls._leaf(), {}
         for name, ls in spec["weights"].items():
+            fixed = weight_specs is not None
             spec["weights"][name], cores[name] = leaf.decompose_weight(
-                getattr(module, name), ls, ranks=ranks, max_rank=max_rank, rel_error=rel_error,
-                compression_ratio=compression_ratio, where=f"{cls._where(spec)}.{name}")
+                getattr(module, name), ls, ranks=ls["ranks"] if fixed else ranks,
+                max_rank=None if fixed else max_rank, rel_error=None if fixed else rel_error,
+                compression_ratio=None if fixed else compression_ratio, where=f"{cls._where(spec)}.{name}")
         ref = module.weight_ih_l0
         with torch.device(ref.device):
             layer = cls._from_spec(spec).to(dtype=ref.dtype)
