@@ -253,12 +253,8 @@ class ADMMScheduler:
 
     # ------------------------------------------------------------------ targets
     def _slots_for(self, t) -> list[_Slot]:
-        composite = getattr(t.cls, "composite", False)  # recurrent: every TN matrix of the spec (hidden too)
-        weights = t.cls.dense_weights(t.module, t.spec) if composite else t.cls.dense_weights(t.module)
-        if not composite:
-            specs = {"weight": t.spec}
-        else:
-            specs = t.cls.weight_specs(t.spec)
+        weights = t.cls.dense_weights(t.module, t.spec)  # recurrent: every TN matrix of the spec (hidden too)
+        specs = t.cls.weight_specs(t.spec)
         out = []
         for wname, w in weights.items():
             spec = specs[wname]

@@ -71,7 +71,7 @@ def _refine(t, layer: TNLayer, init: dict) -> None:
     """Refit the TR / BT leaves of a fresh ``layer`` from ``init`` ({dense weight name: cores}, warm starts)
     and keep the refit where it fits the dense weight better than the cold decomposition it was built with."""
     composite = getattr(t.cls, "composite", False)
-    weights = t.cls.dense_weights(t.module, t.spec) if composite else t.cls.dense_weights(t.module)
+    weights = t.cls.dense_weights(t.module, t.spec)
     for wname, cores in init.items():
         leaf = getattr(layer, wname[len("weight_"):], None) if composite else layer
         if not isinstance(leaf, TNLayer) or leaf.format not in D.WARM_FORMATS or wname not in weights:

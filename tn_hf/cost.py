@@ -541,9 +541,7 @@ def _fmt_ratios(r: dict[int, float]) -> str:
 def _dense_params(cls, module, spec: dict | None = None) -> int:
     """Weight parameters of the dense module a target replaces: for a recurrent layer, of the matrices
     its ``spec`` puts in TN form (hidden-to-hidden too with ``compress_hidden``)."""
-    weights = cls.dense_weights(module, spec) if getattr(cls, "composite", False) and spec is not None \
-        else cls.dense_weights(module)
-    return sum(w.numel() for w in weights.values())
+    return sum(w.numel() for w in cls.dense_weights(module, spec).values())
 
 
 def _may_switch_layout(t, config) -> bool:

@@ -325,7 +325,9 @@ class TNLayer(nn.Module):
         return {"weight": spec}
 
     @classmethod
-    def dense_weights(cls, module) -> dict:
+    def dense_weights(cls, module, spec: dict | None = None) -> dict:
+        """{name: dense weight} of ``module`` that a layer of this class stores in TN form; ``spec`` (the
+        target's) matters for recurrent layers, whose spec says which matrices are compressed."""
         return {"weight": module.weight}
 
     @classmethod

@@ -172,9 +172,8 @@ class _TNRNN(TNLayer):
                 raise ValueError(f"{cls._where(spec)}: weight_specs name {sorted(weight_specs)}; this layer's TN "
                                  f"matrices are {sorted(spec['weights'])}")
             spec["weights"] = copy.deepcopy(weight_specs)
-        leaf, cores = cls._leaf(), {}
+        leaf, cores, fixed = cls._leaf(), {}, weight_specs is not None
         for name, ls in spec["weights"].items():
-            fixed = weight_specs is not None
             spec["weights"][name], cores[name] = leaf.decompose_weight(
                 getattr(module, name), ls, ranks=ls["ranks"] if fixed else ranks,
                 max_rank=None if fixed else max_rank, rel_error=None if fixed else rel_error,
